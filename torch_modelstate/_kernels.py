@@ -1,0 +1,162 @@
+"""Grouped in-place tensor operations: the one place that loops over tensors.
+
+``torch._foreach_*`` ops take one device and one dtype per call, so every operation here
+first groups its operands by (device, dtype) and then issues one fused call per group.
+Copies across devices and dtypes are grouped by both ends; a copy from pinned host memory
+to an accelerator is issued with ``non_blocking=True``. Nothing here validates user input:
+callers check keys and shapes first, so a kernel is only reached when every write will
+succeed.
+
+Integer and bool tensors (``num_batches_tracked``, masks) are never interpolated: the
+arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the right-hand value
+(``"rhs"``) or keeps its own (``"lhs"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Literal, TypeAlias
+
+import torch
+from torch import Tensor
+
+NonFloat: TypeAlias = Literal["rhs", "lhs"]
+
+_GroupKey: TypeAlias = tuple[torch.device, torch.dtype, torch.device, torch.dtype]
+
+_IS_CPU = attrgetter("is_cpu")
+_DTYPE = attrgetter("dtype")
+
+
+def _all_cpu(*lists: Sequence[Tensor]) -> bool:
+    # On the CPU a foreach op is a C++ loop over tensors and needs no grouping for speed:
+    # one call, whatever the mix of dtypes, with no Python work per tensor.
+    return all(all(map(_IS_CPU, tensors)) for tensors in lists)
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _pairs_by_device_dtype(
+    dsts: Sequence[Tensor], srcs: Sequence[Tensor]
+) -> dict[_GroupKey, tuple[list[Tensor], list[Tensor]]]:
+    groups: dict[_GroupKey, tuple[list[Tensor], list[Tensor]]] = {}
+    for dst, src in zip(dsts, srcs, strict=True):
+        key = (dst.device, dst.dtype, src.device, src.dtype)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = ([dst], [src])
+        else:
+            group[0].append(dst)
+            group[1].append(src)
+    return groups
+
+
+@torch.no_grad()
+def copy_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
+    """Copy ``srcs[i]`` into ``dsts[i]`` for all i, casting and moving as needed."""
+    if not dsts:
+        return
+    if _all_cpu(dsts, srcs):
+        torch._foreach_copy_(dsts, srcs)
+        return
+    for (ddev, _, sdev, _), (d, s) in _pairs_by_device_dtype(dsts, srcs).items():
+        if sdev.type == "cpu" and ddev.type != "cpu":
+            pinned = [t.is_pinned() for t in s]
+            if all(pinned):
+                torch._foreach_copy_(d, s, non_blocking=True)
+                continue
+            if any(pinned):
+                fast = [i for i, p in enumerate(pinned) if p]
+                slow = [i for i, p in enumerate(pinned) if not p]
+                torch._foreach_copy_([d[i] for i in fast], [s[i] for i in fast], non_blocking=True)
+                torch._foreach_copy_([d[i] for i in slow], [s[i] for i in slow])
+                continue
+        torch._foreach_copy_(d, s)
+
+
+def _uniform_float_cpu(lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> bool:
+    """One floating dtype on both sides, all on the CPU: a single foreach call serves."""
+    if not lhs:
+        return False
+    dtypes = set(map(_DTYPE, lhs))
+    if len(dtypes) != 1 or set(map(_DTYPE, rhs)) != dtypes or not _is_float(next(iter(dtypes))):
+        return False
+    return _all_cpu(lhs, rhs)
+
+
+def _binary_groups(
+    lhs: Sequence[Tensor], rhs: Sequence[Tensor]
+) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[Tensor]]:
+    """Group float pairs by lhs (device, dtype), bringing rhs over; set non-float pairs apart."""
+    floats: list[tuple[list[Tensor], list[Tensor]]] = []
+    int_l: list[Tensor] = []
+    int_r: list[Tensor] = []
+    for (ldev, ldt, rdev, rdt), (ls, rs) in _pairs_by_device_dtype(lhs, rhs).items():
+        if not _is_float(ldt):
+            int_l += ls
+            int_r += rs
+            continue
+        if (ldev, ldt) != (rdev, rdt):
+            rs = [r.to(device=ldev, dtype=ldt, non_blocking=True) for r in rs]
+        floats.append((ls, rs))
+    return floats, int_l, int_r
+
+
+def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> None:
+    if int_l and nonfloat == "rhs":
+        copy_(int_l, int_r)
+
+
+@torch.no_grad()
+def lerp_(lhs: Sequence[Tensor], rhs: Sequence[Tensor], weight: float, nonfloat: NonFloat) -> None:
+    """``lhs[i] += weight * (rhs[i] - lhs[i])`` in place, as grouped ``_foreach_lerp_``."""
+    if _uniform_float_cpu(lhs, rhs):
+        torch._foreach_lerp_(lhs, rhs, weight)
+        return
+    floats, int_l, int_r = _binary_groups(lhs, rhs)
+    for ls, rs in floats:
+        torch._foreach_lerp_(ls, rs, weight)
+    _nonfloat(int_l, int_r, nonfloat)
+
+
+@torch.no_grad()
+def add_(lhs: Sequence[Tensor], rhs: Sequence[Tensor], alpha: float, nonfloat: NonFloat) -> None:
+    """``lhs[i] += alpha * rhs[i]`` in place, as grouped ``_foreach_add_``."""
+    if _uniform_float_cpu(lhs, rhs):
+        torch._foreach_add_(lhs, rhs, alpha=alpha)
+        return
+    floats, int_l, int_r = _binary_groups(lhs, rhs)
+    for ls, rs in floats:
+        torch._foreach_add_(ls, rs, alpha=alpha)
+    _nonfloat(int_l, int_r, nonfloat)
+
+
+def set_requires_grad(tensors: Sequence[Tensor], flag: bool) -> None:
+    """Set ``requires_grad`` on each tensor (there is no fused op for a flag)."""
+    for tensor in tensors:
+        tensor.requires_grad_(flag)
+
+
+@torch.no_grad()
+def clone(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies with the same device, dtype and layout."""
+    return [t.detach().clone() for t in tensors]
+
+
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same values (the same tensor object, view or data)."""
+    if a is b:
+        return True
+    if a.shape != b.shape:
+        return False
+    if (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+    ):
+        return True
+    return bool(torch.equal(a.detach().to(b.device, b.dtype), b.detach()))

@@ -1,0 +1,288 @@
+"""Masks: which leaves an operation touches.
+
+Every accepted form (``None``, a callable over list paths, a glob string, a compiled regex, a
+list of these, or a combinator) is compiled once into a `Mask`, whose `Mask.select` decides
+all leaves in one pass. Glob strings and regexes are merged into one compiled regex, so a
+mask over ten thousand leaves costs one ``fullmatch`` per key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import TypeAlias, Union
+
+__all__ = ["Mask", "MaskLike", "all_of", "any_of", "compile_mask", "not_"]
+
+MaskLike: TypeAlias = Union[
+    None, "Mask", str, "re.Pattern[str]", Callable[[list[str]], bool], Sequence["MaskLike"]
+]
+
+
+class Mask:
+    """A compiled predicate over leaves; call it with a path (a list of strings)."""
+
+    __slots__ = ()
+
+    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+        """Decide every leaf at once; ``keys[i]`` and ``paths[i]`` name the same leaf."""
+        return [self._one(key, path) for key, path in zip(keys, paths, strict=True)]
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, path: Sequence[str] | str) -> bool:
+        if isinstance(path, str):
+            key, parts = path, tuple(path.split("."))
+        else:
+            parts = tuple(path)
+            key = ".".join(parts)
+        return self._one(key, parts)
+
+    def __or__(self, other: MaskLike) -> Mask:
+        return any_of(self, other)
+
+    def __and__(self, other: MaskLike) -> Mask:
+        return all_of(self, other)
+
+    def __invert__(self) -> Mask:
+        return not_(self)
+
+
+class _Everything(Mask):
+    __slots__ = ()
+
+    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+        return [True] * len(keys)
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "Mask(None)"
+
+
+class _Regex(Mask):
+    """Glob strings and regexes, merged into one alternation."""
+
+    __slots__ = ("_pattern", "_sources")
+
+    def __init__(self, sources: list[str | re.Pattern[str]]) -> None:
+        self._sources = sources
+        parts = [_glob_to_regex(s) if isinstance(s, str) else s.pattern for s in sources]
+        flags = 0
+        for source in sources:
+            if isinstance(source, re.Pattern):
+                flags |= source.flags & ~re.UNICODE
+        joined = parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
+        self._pattern = re.compile(joined, flags)
+
+    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+        fullmatch = self._pattern.fullmatch
+        return [fullmatch(key) is not None for key in keys]
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        return self._pattern.fullmatch(key) is not None
+
+    def __repr__(self) -> str:
+        shown = [repr(s) if isinstance(s, str) else f"re.compile({s.pattern!r})" for s in self._sources]
+        return f"Mask({shown[0]})" if len(shown) == 1 else "Mask([" + ", ".join(shown) + "])"
+
+
+class _Callable(Mask):
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[list[str]], bool]) -> None:
+        self._fn = fn
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        result = self._fn(list(path))
+        if result is True or result is False:
+            return result
+        msg = (
+            f"The mask {_name(self._fn)} returned {result!r} for path {list(path)!r}.\n"
+            "  expected: True or False\n"
+            f"  got: {type(result).__name__}\n"
+            "  fix: end the function with `return False` (a `match` needs a `case _:`)"
+        )
+        raise TypeError(msg)
+
+    def __repr__(self) -> str:
+        return f"Mask({_name(self._fn)})"
+
+
+class _AnyOf(Mask):
+    __slots__ = ("_masks",)
+
+    def __init__(self, masks: list[Mask]) -> None:
+        self._masks = masks
+
+    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+        if not self._masks:
+            return [False] * len(keys)
+        chosen = self._masks[0].select(keys, paths)
+        for mask in self._masks[1:]:
+            # Only ask the next mask about leaves not chosen yet: each callable runs at most
+            # once per leaf, as with short-circuit `or`.
+            rest = [i for i, hit in enumerate(chosen) if not hit]
+            if not rest:
+                break
+            hits = mask.select([keys[i] for i in rest], [paths[i] for i in rest])
+            for i, hit in zip(rest, hits, strict=True):
+                chosen[i] = hit
+        return chosen
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        return any(mask._one(key, path) for mask in self._masks)
+
+    def __repr__(self) -> str:
+        return "any_of(" + ", ".join(map(repr, self._masks)) + ")"
+
+
+class _AllOf(Mask):
+    __slots__ = ("_masks",)
+
+    def __init__(self, masks: list[Mask]) -> None:
+        self._masks = masks
+
+    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+        chosen = [True] * len(keys)
+        for mask in self._masks:
+            rest = [i for i, hit in enumerate(chosen) if hit]
+            if not rest:
+                break
+            hits = mask.select([keys[i] for i in rest], [paths[i] for i in rest])
+            for i, hit in zip(rest, hits, strict=True):
+                chosen[i] = hit
+        return chosen
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        return all(mask._one(key, path) for mask in self._masks)
+
+    def __repr__(self) -> str:
+        return "all_of(" + ", ".join(map(repr, self._masks)) + ")"
+
+
+class _Not(Mask):
+    __slots__ = ("_mask",)
+
+    def __init__(self, mask: Mask) -> None:
+        self._mask = mask
+
+    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+        return [not hit for hit in self._mask.select(keys, paths)]
+
+    def _one(self, key: str, path: tuple[str, ...]) -> bool:
+        return not self._mask._one(key, path)
+
+    def __repr__(self) -> str:
+        return f"not_({self._mask!r})"
+
+
+def compile_mask(mask: MaskLike) -> Mask:
+    """Compile any accepted mask form into one `Mask`.
+
+    >>> m = compile_mask(["encoder.**", "**.bias"])
+    >>> m(["encoder", "layers", "0", "weight"]), m(["head", "bias"]), m(["head", "weight"])
+    (True, True, False)
+    """
+    if mask is None:
+        return _Everything()
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, (str, re.Pattern)):
+        return _Regex([mask])
+    if isinstance(mask, (list, tuple)):
+        return _combine_any([compile_mask(item) for item in mask])
+    if callable(mask) and not isinstance(mask, type):
+        return _Callable(mask)
+    msg = (
+        f"A mask must be None, a glob string, a compiled regex, a callable over paths, "
+        f"or a list of these.\n  got: {type(mask).__name__} {mask!r}"
+    )
+    if isinstance(mask, bool):
+        msg += "\n  fix: pass None to select every leaf, or a function returning a bool"
+    raise TypeError(msg)
+
+
+def _combine_any(masks: list[Mask]) -> Mask:
+    # Merge every glob/regex into one alternation so string masks cost one match per key.
+    sources: list[str | re.Pattern[str]] = []
+    others: list[Mask] = []
+    for mask in masks:
+        if isinstance(mask, _Everything):
+            return mask
+        if isinstance(mask, _Regex):
+            sources.extend(mask._sources)
+        elif isinstance(mask, _AnyOf):
+            others.extend(mask._masks)
+        else:
+            others.append(mask)
+    merged: list[Mask] = [_Regex(sources)] if sources else []
+    merged += others
+    return merged[0] if len(merged) == 1 else _AnyOf(merged)
+
+
+def any_of(*masks: MaskLike) -> Mask:
+    """A leaf matches if any of `masks` matches (the same as passing a list).
+
+    >>> any_of("head.*", "**.bias")(["blocks", "0", "bias"])
+    True
+    """
+    return _combine_any([compile_mask(m) for m in masks])
+
+
+def all_of(*masks: MaskLike) -> Mask:
+    """A leaf matches if every one of `masks` matches.
+
+    >>> all_of("blocks.**", "**.weight")(["blocks", "0", "weight"])
+    True
+    """
+    return _AllOf([compile_mask(m) for m in masks])
+
+
+def not_(mask: MaskLike) -> Mask:
+    """A leaf matches if `mask` does not.
+
+    >>> not_("head.**")(["head", "weight"])
+    False
+    """
+    return _Not(compile_mask(mask))
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _glob_to_regex(glob: str) -> str:
+    """Translate a key glob: ``*``/``?`` stay in one segment, ``**`` spans whole segments."""
+    if not glob:
+        msg = "A glob mask must not be empty.\n  fix: use None to select every leaf"
+        raise ValueError(msg)
+    segments = glob.split(".")
+    # `**.**` means the same as `**`; collapsing keeps the translation below simple.
+    segments = [s for i, s in enumerate(segments) if not (s == "**" and i and segments[i - 1] == "**")]
+    out = ""
+    for i, segment in enumerate(segments):
+        if segment == "**":
+            if len(segments) == 1:
+                return r"[^.]+(?:\.[^.]+)*"
+            # Zero or more whole segments, with the dots that join them.
+            out += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
+            continue
+        if not segment:
+            msg = f"Glob {glob!r} has an empty segment.\n  fix: separate segments by single dots"
+            raise ValueError(msg)
+        if "**" in segment:
+            msg = (
+                f"Glob {glob!r}: `**` must be a whole segment, as in 'blocks.**.bias'.\n"
+                f"  got: the segment {segment!r}\n"
+                "  fix: use `*` to match within a segment"
+            )
+            raise ValueError(msg)
+        if i > 0 and not (i == 1 and segments[0] == "**"):
+            out += r"\."
+        out += "".join(
+            "[^.]*" if ch == "*" else "[^.]" if ch == "?" else re.escape(ch) for ch in segment
+        )
+    return out
