@@ -103,7 +103,7 @@ class Index:
 
 
 def index_module(root: nn.Module) -> Index:
-    """Walk `root` in ``state_dict()`` order: each module's parameters, then buffers, then children."""
+    """Walk `root` in ``state_dict()`` order: a module's parameters, buffers, then children."""
     leaves: list[Leaf] = []
     order: list[str] = []
     ties: dict[str, Tie] = {}
@@ -155,7 +155,9 @@ def index_module(root: nn.Module) -> Index:
                 "  fix: untie it, or build the ModelState over the model that holds both"
             )
             raise ValueError(msg)
-        ties[key] = Tie(key, source_prefix + record.source_name, record.fn, record.name, owner, name)
+        ties[key] = Tie(
+            key, source_prefix + record.source_name, record.fn, record.name, owner, name
+        )
     index = Index(leaves, ties, order)
     index._checks = (version, dicts, names, tensors, module_dicts, list(map(len, module_dicts)))
     return index

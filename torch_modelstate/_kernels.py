@@ -14,7 +14,6 @@ arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the righ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from operator import attrgetter
 from typing import Literal, TypeAlias
 
@@ -29,7 +28,7 @@ _IS_CPU = attrgetter("is_cpu")
 _DTYPE = attrgetter("dtype")
 
 
-def _all_cpu(*lists: Sequence[Tensor]) -> bool:
+def _all_cpu(*lists: list[Tensor]) -> bool:
     # On the CPU a foreach op is a C++ loop over tensors and needs no grouping for speed:
     # one call, whatever the mix of dtypes, with no Python work per tensor.
     return all(all(map(_IS_CPU, tensors)) for tensors in lists)
@@ -40,7 +39,7 @@ def _is_float(dtype: torch.dtype) -> bool:
 
 
 def _pairs_by_device_dtype(
-    dsts: Sequence[Tensor], srcs: Sequence[Tensor]
+    dsts: list[Tensor], srcs: list[Tensor]
 ) -> dict[_GroupKey, tuple[list[Tensor], list[Tensor]]]:
     groups: dict[_GroupKey, tuple[list[Tensor], list[Tensor]]] = {}
     for dst, src in zip(dsts, srcs, strict=True):
@@ -55,7 +54,7 @@ def _pairs_by_device_dtype(
 
 
 @torch.no_grad()
-def copy_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
+def copy_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """Copy ``srcs[i]`` into ``dsts[i]`` for all i, casting and moving as needed."""
     if not dsts:
         return
@@ -77,7 +76,7 @@ def copy_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
         torch._foreach_copy_(d, s)
 
 
-def _uniform_float_cpu(lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> bool:
+def _uniform_float_cpu(lhs: list[Tensor], rhs: list[Tensor]) -> bool:
     """One floating dtype on both sides, all on the CPU: a single foreach call serves."""
     if not lhs:
         return False
@@ -88,7 +87,7 @@ def _uniform_float_cpu(lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> bool:
 
 
 def _binary_groups(
-    lhs: Sequence[Tensor], rhs: Sequence[Tensor]
+    lhs: list[Tensor], rhs: list[Tensor]
 ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[Tensor]]:
     """Group float pairs by lhs (device, dtype), bringing rhs over; set non-float pairs apart."""
     floats: list[tuple[list[Tensor], list[Tensor]]] = []
@@ -111,7 +110,7 @@ def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> N
 
 
 @torch.no_grad()
-def lerp_(lhs: Sequence[Tensor], rhs: Sequence[Tensor], weight: float, nonfloat: NonFloat) -> None:
+def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += weight * (rhs[i] - lhs[i])`` in place, as grouped ``_foreach_lerp_``."""
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_lerp_(lhs, rhs, weight)
@@ -123,7 +122,7 @@ def lerp_(lhs: Sequence[Tensor], rhs: Sequence[Tensor], weight: float, nonfloat:
 
 
 @torch.no_grad()
-def add_(lhs: Sequence[Tensor], rhs: Sequence[Tensor], alpha: float, nonfloat: NonFloat) -> None:
+def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += alpha * rhs[i]`` in place, as grouped ``_foreach_add_``."""
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_add_(lhs, rhs, alpha=alpha)
@@ -134,14 +133,14 @@ def add_(lhs: Sequence[Tensor], rhs: Sequence[Tensor], alpha: float, nonfloat: N
     _nonfloat(int_l, int_r, nonfloat)
 
 
-def set_requires_grad(tensors: Sequence[Tensor], flag: bool) -> None:
+def set_requires_grad(tensors: list[Tensor], flag: bool) -> None:
     """Set ``requires_grad`` on each tensor (there is no fused op for a flag)."""
     for tensor in tensors:
         tensor.requires_grad_(flag)
 
 
 @torch.no_grad()
-def clone(tensors: Sequence[Tensor]) -> list[Tensor]:
+def clone(tensors: list[Tensor]) -> list[Tensor]:
     """Detached copies with the same device, dtype and layout."""
     return [t.detach().clone() for t in tensors]
 

@@ -14,8 +14,8 @@ from typing import TypeAlias, Union
 
 __all__ = ["Mask", "MaskLike", "all_of", "any_of", "compile_mask", "not_"]
 
-MaskLike: TypeAlias = Union[
-    None, "Mask", str, "re.Pattern[str]", Callable[[list[str]], bool], Sequence["MaskLike"]
+MaskLike: TypeAlias = Union[  # a recursive alias needs Union's string forms
+    "Mask", str, "re.Pattern[str]", Callable[[list[str]], bool], Sequence["MaskLike"], None
 ]
 
 
@@ -85,7 +85,9 @@ class _Regex(Mask):
         return self._pattern.fullmatch(key) is not None
 
     def __repr__(self) -> str:
-        shown = [repr(s) if isinstance(s, str) else f"re.compile({s.pattern!r})" for s in self._sources]
+        shown = [
+            repr(s) if isinstance(s, str) else f"re.compile({s.pattern!r})" for s in self._sources
+        ]
         return f"Mask({shown[0]})" if len(shown) == 1 else "Mask([" + ", ".join(shown) + "])"
 
 
@@ -261,7 +263,9 @@ def _glob_to_regex(glob: str) -> str:
         raise ValueError(msg)
     segments = glob.split(".")
     # `**.**` means the same as `**`; collapsing keeps the translation below simple.
-    segments = [s for i, s in enumerate(segments) if not (s == "**" and i and segments[i - 1] == "**")]
+    segments = [
+        s for i, s in enumerate(segments) if not (s == "**" and i and segments[i - 1] == "**")
+    ]
     out = ""
     for i, segment in enumerate(segments):
         if segment == "**":

@@ -26,7 +26,9 @@ def to_path(key: str | Sequence[str]) -> list[str]:
     """
     if isinstance(key, str):
         if not key:
-            msg = "A key must not be empty.\n  expected: a dotted name such as 'fc.weight'\n  got: ''"
+            msg = (
+                "A key must not be empty.\n  expected: a dotted name such as 'fc.weight'\n  got: ''"
+            )
             raise ValueError(msg)
         path = key.split(".")
         if "" in path:
@@ -59,9 +61,9 @@ def to_key(path: str | Sequence[str]) -> str:
 
 
 def _check_segments(path: Iterable[object]) -> tuple[str, ...]:
-    segments = tuple(path)
+    segments: tuple[Any, ...] = tuple(path)
     if not segments:
-        msg = "A path must not be empty.\n  expected: a list of strings such as ['fc', 'weight']\n  got: []"
+        msg = "A path must not be empty.\n  expected: a list of strings such as ['fc', 'weight']"
         raise ValueError(msg)
     for segment in segments:
         if not isinstance(segment, str):

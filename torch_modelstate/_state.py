@@ -137,7 +137,9 @@ class ModelState:
         The usual start of an EMA: ``ema = ModelState.new(model).clone()``.
         """
         index = self._idx()
-        copies = dict(zip(index.keys, _kernels.clone([leaf.tensor for leaf in index.leaves]), strict=True))
+        copies = dict(
+            zip(index.keys, _kernels.clone([leaf.tensor for leaf in index.leaves]), strict=True)
+        )
         frozen = self._frozen_keys(index)
         state = type(self)()
         for key in index.order:
@@ -316,7 +318,9 @@ class ModelState:
         dsts: list[Tensor] = []
         srcs: list[Tensor] = []
         keys: list[str] = []
-        self._gather(index, _values(updated_parameters, "updated_parameters"), dsts, srcs, keys, None)
+        self._gather(
+            index, _values(updated_parameters, "updated_parameters"), dsts, srcs, keys, None
+        )
         if updated_state is not None:
             self._gather(index, _values(updated_state, "updated_state"), dsts, srcs, keys, "state")
         if index.ties or updated_state is not None:
@@ -344,7 +348,9 @@ class ModelState:
             if any(isinstance(value, Mapping) for value in given):
                 self._gather(index, to_flat(values), dsts, srcs, keys, only)
                 return
-            key, value = next((k, v) for k, v in zip(names, given, strict=True) if not isinstance(v, Tensor))
+            key, value = next(
+                (k, v) for k, v in zip(names, given, strict=True) if not isinstance(v, Tensor)
+            )
             msg = (
                 f"update: the value for `{key}` is not a tensor.\n"
                 f"  expected: a Tensor of shape {tuple(index.by_key[key].tensor.shape)}\n"
@@ -427,7 +433,9 @@ class ModelState:
             for leaf, lhs_t, rhs_t in zip(leaves, lhs_list, rhs_list, strict=True):
                 result = fun(list(leaf.path), lhs_t, rhs_t)
                 if not isinstance(result, Tensor) or result.shape != lhs_t.shape:
-                    got = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+                    got = (
+                        tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+                    )
                     msg = (
                         f"merge: `fun` must return a tensor of the lhs shape; for `{leaf.key}`\n"
                         f"  expected: {tuple(lhs_t.shape)}\n  got: {got}"
@@ -439,7 +447,12 @@ class ModelState:
 
     # ----------------------------------------------------------------- ties
 
-    def tie(self, destination: KeyLike, source: KeyLike, transform: str | Callable[[Tensor], Tensor] | None = None) -> ModelState:
+    def tie(
+        self,
+        destination: KeyLike,
+        source: KeyLike,
+        transform: str | Callable[[Tensor], Tensor] | None = None,
+    ) -> ModelState:
         """Tie `destination` to `source`: the same tensor, or ``transform(source)``.
 
         Without a transform, the destination becomes the source's ``nn.Parameter`` object.
@@ -514,11 +527,16 @@ def _values(obj: Values, name: str) -> Mapping[str, Any]:
         return {leaf.key: leaf.tensor for leaf in index.leaves}
     if isinstance(obj, Mapping):
         return obj  # nested dicts are flattened by `_gather` when it meets one
-    msg = f"`{name}` must be a dict of tensors (flat or nested) or a ModelState.\n  got: {type(obj).__name__}"
+    msg = (
+        f"`{name}` must be a dict of tensors (flat or nested) or a ModelState.\n"
+        f"  got: {type(obj).__name__}"
+    )
     raise TypeError(msg)
 
 
-def _dedupe(index: Index, dsts: list[Tensor], srcs: list[Tensor], keys: list[str]) -> tuple[list[Tensor], list[Tensor]]:
+def _dedupe(
+    index: Index, dsts: list[Tensor], srcs: list[Tensor], keys: list[str]
+) -> tuple[list[Tensor], list[Tensor]]:
     """Write each tied tensor once; two different values for it are an error."""
     first: dict[int, int] = {}
     out_d: list[Tensor] = []
@@ -530,9 +548,10 @@ def _dedupe(index: Index, dsts: list[Tensor], srcs: list[Tensor], keys: list[str
             out_d.append(dst)
             out_s.append(src)
         elif not _kernels.same_values(out_s[seen], src):
-            other = keys[[i for i, d in enumerate(dsts) if d is dst][0]]
+            other = next(k for k, d in zip(keys, dsts, strict=True) if d is dst)
             msg = (
-                f"update: `{other}` and `{key}` are one tied tensor but were given different values.\n"
+                f"update: `{other}` and `{key}` are one tied tensor but were given "
+                "different values.\n"
                 "  fix: give one value (the source key is enough), or untie them first"
             )
             raise ValueError(msg)
@@ -543,7 +562,8 @@ def _raise_unknown(index: Index, key: str, verb: str) -> Any:
     tie = index.ties.get(key)
     if tie is not None:
         msg = (
-            f"{verb}: `{key}` is computed from `{tie.source}` (a transform tie) and takes no value.\n"
+            f"{verb}: `{key}` is computed from `{tie.source}` (a transform tie) "
+            "and takes no value.\n"
             f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
         )
         raise ValueError(msg)

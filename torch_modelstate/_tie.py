@@ -140,7 +140,8 @@ def _tied_setattr(self: nn.Module, name: str, value: Any) -> None:
             "  fix: untie it first with `ModelState.untie`, or write to the source"
         )
         raise AttributeError(msg)
-    self.__class__.__mro__[1].__setattr__(self, name, value)
+    base: Any = self.__class__.__mro__[1]
+    base.__setattr__(self, name, value)
 
 
 def _tied_save(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
@@ -161,7 +162,8 @@ def _tied_load(self: nn.Module, state_dict: dict[str, Any], prefix: str, *args: 
 
 def _tied_reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # Pickle as "base class + state" so tied modules pickle, which parametrizations cannot.
-    return (_new_tied, (self.__class__.__mro__[1],), self.__getstate__())
+    state = self.__dict__.copy()
+    return (_new_tied, (self.__class__.__mro__[1],), state)
 
 
 def _new_tied(base: type[nn.Module]) -> nn.Module:
@@ -188,7 +190,12 @@ def _tied_class(base: type[nn.Module]) -> type[nn.Module]:
 
 
 def add_transform_tie(
-    owner: nn.Module, name: str, source_owner: nn.Module, source_name: str, fn: Transform, fn_name: str | None
+    owner: nn.Module,
+    name: str,
+    source_owner: nn.Module,
+    source_name: str,
+    fn: Transform,
+    fn_name: str | None,
 ) -> None:
     """Replace ``owner.<name>`` (a parameter) by a value computed from the source on access."""
     if not type(owner).__dict__.get("_tms_tied_class", False):
@@ -234,7 +241,10 @@ def tie(ms: ModelState, dest: str, source: str, transform: str | Transform | Non
     if dest not in index.by_key and dest not in index.ties:
         raise _missing_or_computed(index, dest, "destination")
     if dest in (source, root):
-        msg = f"tie: the destination and the source are the same tensor, `{dest}`.\n  fix: name two different keys"
+        msg = (
+            f"tie: the destination and the source are the same tensor, `{dest}`.\n"
+            "  fix: name two different keys"
+        )
         raise ValueError(msg)
     existing = index.ties.get(dest)
     if existing is not None:
@@ -248,7 +258,8 @@ def tie(ms: ModelState, dest: str, source: str, transform: str | Transform | Non
     dependents = sorted(d for d, t in index.ties.items() if t.source == dest)
     if dependents:
         msg = (
-            f"tie: `{dest}` is the source of other ties ({', '.join(dependents)}); tying it would chain ties.\n"
+            f"tie: `{dest}` is the source of other ties ({', '.join(dependents)}); "
+            "tying it would chain ties.\n"
             f"  fix: untie those first, or tie `{dest}` the other way round"
         )
         raise ValueError(msg)
@@ -265,7 +276,8 @@ def tie(ms: ModelState, dest: str, source: str, transform: str | Transform | Non
     owner, src_owner = dest_leaf.owner, src_leaf.owner
     if owner is not None and src_owner is not None:
         if fn is None:
-            owner._parameters[dest_leaf.name] = src_leaf.tensor  # the same Parameter object
+            # The very same Parameter object: optimizers, .to() and deepcopy see one tensor.
+            owner.register_parameter(dest_leaf.name, _as_parameter(src_leaf.tensor))
         else:
             add_transform_tie(owner, dest_leaf.name, src_owner, src_leaf.name, fn, fn_name)
     else:
@@ -285,7 +297,9 @@ def untie(ms: ModelState, dest: str) -> None:
     tie = index.ties.get(dest)
     if tie is None:
         if dest in index.by_key:
-            msg = f"untie: `{dest}` is not a tie destination.\n  fix: `ties()` lists the destinations"
+            msg = (
+                f"untie: `{dest}` is not a tie destination.\n  fix: `ties()` lists the destinations"
+            )
             raise ValueError(msg)
         raise _missing_or_computed(index, dest, "destination")
     src_leaf = index.by_key[tie.source]
@@ -308,15 +322,24 @@ def untie(ms: ModelState, dest: str) -> None:
             )
             raise ValueError(msg)
         copy = source.detach().clone()
-        if dest in owner._parameters:
-            owner._parameters[tie.name] = nn.Parameter(copy, requires_grad=bool(source.requires_grad))
+        if isinstance(source, nn.Parameter):
+            owner._parameters[tie.name] = nn.Parameter(
+                copy, requires_grad=bool(source.requires_grad)
+            )
         else:
             owner._buffers[tie.name] = copy
     ms._changed()
     bump_version()
 
 
-def _check_compatible(dest: str, target: Tensor, source: str, src: Tensor, fn: Transform | None) -> None:
+def _as_parameter(tensor: Tensor) -> nn.Parameter:
+    assert isinstance(tensor, nn.Parameter)  # a module leaf with is_param set is one
+    return tensor
+
+
+def _check_compatible(
+    dest: str, target: Tensor, source: str, src: Tensor, fn: Transform | None
+) -> None:
     if fn is None:
         shape, dtype, device = src.shape, src.dtype, src.device
         what = f"`{source}`"

@@ -19,7 +19,6 @@ tensor([0.2500, 0.2500])
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -48,7 +47,7 @@ class Merge:
             return (rhs if self.nonfloat == "rhs" else lhs).clone()
         return self._value(lhs, rhs)
 
-    def apply_(self, lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> None:
+    def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         """Merge ``rhs[i]`` into ``lhs[i]`` in place for all i."""
         raise NotImplementedError
 
@@ -66,7 +65,7 @@ class _Lerp(Merge):
     def _value(self, lhs: Tensor, rhs: Tensor) -> Tensor:
         return torch.lerp(lhs, rhs, self.t)
 
-    def apply_(self, lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> None:
+    def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         _kernels.lerp_(lhs, rhs, self.t, self.nonfloat)
 
     def __repr__(self) -> str:
@@ -74,7 +73,7 @@ class _Lerp(Merge):
 
 
 class _Add(Merge):
-    __slots__ = ("alpha", "_name")
+    __slots__ = ("_name", "alpha")
 
     def __init__(self, alpha: float, nonfloat: NonFloat, name: str = "add") -> None:
         super().__init__(nonfloat)
@@ -84,7 +83,7 @@ class _Add(Merge):
     def _value(self, lhs: Tensor, rhs: Tensor) -> Tensor:
         return torch.add(lhs, rhs, alpha=self.alpha)
 
-    def apply_(self, lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> None:
+    def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         _kernels.add_(lhs, rhs, self.alpha, self.nonfloat)
 
     def __repr__(self) -> str:
@@ -98,7 +97,7 @@ class _Replace(Merge):
     def __call__(self, path: list[str], lhs: Tensor, rhs: Tensor) -> Tensor:
         return rhs.to(device=lhs.device, dtype=lhs.dtype).clone()
 
-    def apply_(self, lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> None:
+    def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         _kernels.copy_(lhs, rhs)
 
     def __repr__(self) -> str:
