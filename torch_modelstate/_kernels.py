@@ -26,6 +26,7 @@ _GroupKey: TypeAlias = tuple[torch.device, torch.dtype, torch.device, torch.dtyp
 
 _IS_CPU = attrgetter("is_cpu")
 _DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
 
 
 def _all_cpu(*lists: list[Tensor]) -> bool:
@@ -41,9 +42,11 @@ def _is_float(dtype: torch.dtype) -> bool:
 def _pairs_by_device_dtype(
     dsts: list[Tensor], srcs: list[Tensor]
 ) -> dict[_GroupKey, tuple[list[Tensor], list[Tensor]]]:
+    keys = list(zip(map(_DEVICE, dsts), map(_DTYPE, dsts), map(_DEVICE, srcs), map(_DTYPE, srcs)))
+    if len(set(keys)) == 1:  # the common case: one group, built without a Python loop
+        return {keys[0]: (list(dsts), list(srcs))}
     groups: dict[_GroupKey, tuple[list[Tensor], list[Tensor]]] = {}
-    for dst, src in zip(dsts, srcs, strict=True):
-        key = (dst.device, dst.dtype, src.device, src.dtype)
+    for dst, src, key in zip(dsts, srcs, keys, strict=True):
         group = groups.get(key)
         if group is None:
             groups[key] = ([dst], [src])
@@ -63,7 +66,7 @@ def copy_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
         return
     for (ddev, _, sdev, _), (d, s) in _pairs_by_device_dtype(dsts, srcs).items():
         if sdev.type == "cpu" and ddev.type != "cpu":
-            pinned = [t.is_pinned() for t in s]
+            pinned = list(map(Tensor.is_pinned, s))
             if all(pinned):
                 torch._foreach_copy_(d, s, non_blocking=True)
                 continue
