@@ -104,49 +104,54 @@ class Index:
 
 def index_module(root: nn.Module) -> Index:
     """Walk `root` in ``state_dict()`` order: a module's parameters, buffers, then children."""
-    leaves: list[Leaf] = []
+    found: list[tuple[str, Tensor, bool, nn.Module, str]] = []
     order: list[str] = []
-    ties: dict[str, Tie] = {}
-    first: dict[int, Leaf] = {}
     prefixes: dict[int, str] = {}
     pending: list[tuple[str, nn.Module, str, _tie.TransformTie]] = []
     version = _VERSION[0]
-    dicts: list[dict[str, Any]] = []
-    names: list[str] = []
-    tensors: list[Tensor] = []
     module_dicts: list[dict[str, Any]] = []
-
-    def add(key: str, tensor: Tensor, is_param: bool, owner: nn.Module, name: str) -> None:
-        order.append(key)
-        dicts.append(owner._parameters if is_param else owner._buffers)
-        names.append(name)
-        tensors.append(tensor)
-        seen = first.get(id(tensor))
-        if seen is None:
-            leaf = Leaf(key, tuple(key.split(".")), is_param, tensor, owner, name)
-            first[id(tensor)] = leaf
-            leaves.append(leaf)
-        else:
-            ties[key] = Tie(key, seen.key, None, None, owner, name)
 
     def visit(module: nn.Module, prefix: str) -> None:
         prefixes.setdefault(id(module), prefix)
         module_dicts.append(module._modules)
-        for name, param in module._parameters.items():
+        tied = _tie.transform_ties_of(module)
+        for name in _tie.parameter_order(module) if tied else module._parameters:
+            record = tied.get(name)
+            if record is not None:
+                order.append(prefix + name)
+                pending.append((prefix + name, module, name, record))
+                continue
+            param = module._parameters[name]
             if param is not None:
-                add(prefix + name, param, True, module, name)
+                found.append((prefix + name, param, True, module, name))
+                order.append(prefix + name)
         skip = module._non_persistent_buffers_set
         for name, buffer in module._buffers.items():
             if buffer is not None and name not in skip:
-                add(prefix + name, buffer, False, module, name)
-        for name, record in _tie.transform_ties_of(module).items():
-            order.append(prefix + name)
-            pending.append((prefix + name, module, name, record))
+                found.append((prefix + name, buffer, False, module, name))
+                order.append(prefix + name)
         for name, child in module._modules.items():
             if child is not None:
                 visit(child, prefix + name + ".")
 
     visit(root, "")
+    # A tensor under several keys is an identity tie. Its source is the first key in module
+    # order, unless `tie` recorded that key as a destination (the user tied it the other way).
+    source_of: dict[int, str] = {}
+    source_hinted: dict[int, bool] = {}
+    for key, tensor, _, owner, name in found:
+        hinted = _is_tied_dest(owner, name)
+        if id(tensor) not in source_of or (source_hinted[id(tensor)] and not hinted):
+            source_of[id(tensor)] = key
+            source_hinted[id(tensor)] = hinted
+    leaves: list[Leaf] = []
+    ties: dict[str, Tie] = {}
+    for key, tensor, is_param, owner, name in found:
+        source = source_of[id(tensor)]
+        if source == key:
+            leaves.append(Leaf(key, tuple(key.split(".")), is_param, tensor, owner, name))
+        else:
+            ties[key] = Tie(key, source, None, None, owner, name)
     for key, owner, name, record in pending:
         source_prefix = prefixes.get(id(record.source_owner))
         if source_prefix is None:
@@ -159,8 +164,17 @@ def index_module(root: nn.Module) -> Index:
             key, source_prefix + record.source_name, record.fn, record.name, owner, name
         )
     index = Index(leaves, ties, order)
+    dicts = [
+        owner._parameters if is_param else owner._buffers for _, _, is_param, owner, _ in found
+    ]
+    names = [name for *_, name in found]
+    tensors = [tensor for _, tensor, *_ in found]
     index._checks = (version, dicts, names, tensors, module_dicts, list(map(len, module_dicts)))
     return index
+
+
+def _is_tied_dest(owner: nn.Module, name: str) -> bool:
+    return name in owner.__dict__.get(_tie.IDENTITY_DESTS, ())
 
 
 def index_entries(entries: Iterable[tuple[str, Tensor | Tie]], state_keys: set[str]) -> Index:

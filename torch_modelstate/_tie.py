@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +59,14 @@ def register_transform(name: str, fn: Transform, *, aliases: tuple[object, ...] 
     if not callable(fn):
         msg = f"Transform {name!r} must be callable.\n  got: {type(fn).__name__} {fn!r}"
         raise TypeError(msg)
+    for item in (fn, *aliases):
+        other = _NAME_OF.get(id(item))
+        if other is not None and other != name:
+            msg = (
+                f"{item!r} is already registered as the transform {other!r}.\n"
+                "  fix: use that name; one callable has one name so checkpoints stay unambiguous"
+            )
+            raise ValueError(msg)
     known = _BY_NAME.get(name)
     if known is not None and known is not fn:
         msg = (
@@ -110,13 +119,14 @@ class TransformTie:
     source_name: str
     fn: Transform
     name: str | None
-    position: int = 0  # where the parameter stood in ``_parameters``, restored by untie
 
     def value(self) -> Tensor:
         return self.fn(getattr(self.source_owner, self.source_name))
 
 
 _TIED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+_ORDER = "_tms_param_order"  # parameter names in their order before the first transform tie
+IDENTITY_DESTS = "_tms_tied_params"  # names made identity destinations by `tie` (a direction hint)
 
 
 def transform_ties_of(module: nn.Module) -> dict[str, TransformTie]:
@@ -124,11 +134,20 @@ def transform_ties_of(module: nn.Module) -> dict[str, TransformTie]:
     return ties if ties is not None else {}
 
 
+def parameter_order(module: nn.Module) -> list[str]:
+    """Parameter names, transform-tied ones included, in their order before the first tie."""
+    before: list[str] = module.__dict__.get(_ORDER, [])
+    present = set(module._parameters) | set(transform_ties_of(module))
+    names = [name for name in before if name in present]
+    return names + [name for name in module._parameters if name not in set(names)]
+
+
 def _tied_getattr(self: nn.Module, name: str) -> Any:
     ties = self.__dict__.get("_tms_ties")
     if ties is not None and name in ties:
         return ties[name].value()
-    return nn.Module.__getattr__(self, name)
+    base: Any = self.__class__.__mro__[1]
+    return base.__getattr__(self, name)
 
 
 def _tied_setattr(self: nn.Module, name: str, value: Any) -> None:
@@ -146,10 +165,16 @@ def _tied_setattr(self: nn.Module, name: str, value: Any) -> None:
 
 def _tied_save(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
     base: Any = self.__class__.__mro__[1]
+    start = len(destination)
     base._save_to_state_dict(self, destination, prefix, keep_vars)
     for name, tie in transform_ties_of(self).items():
         value = tie.value()
         destination[prefix + name] = value if keep_vars else value.detach()
+    # This module's keys are the newest entries: put them back in their order before the tie.
+    own = list(islice(reversed(destination), len(destination) - start))[::-1]
+    rank = {prefix + name: i for i, name in enumerate(self.__dict__.get(_ORDER, ()))}
+    for key in sorted(own, key=lambda k: (0, rank[k]) if k in rank else (1, 0)):
+        destination[key] = destination.pop(key)
 
 
 def _tied_load(self: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -201,9 +226,9 @@ def add_transform_tie(
     if not type(owner).__dict__.get("_tms_tied_class", False):
         owner.__class__ = _tied_class(type(owner))
     ties = owner.__dict__.setdefault("_tms_ties", {})
-    position = list(owner._parameters).index(name)
+    owner.__dict__.setdefault(_ORDER, list(owner._parameters))
     del owner._parameters[name]
-    ties[name] = TransformTie(source_owner, source_name, fn, fn_name, position)
+    ties[name] = TransformTie(source_owner, source_name, fn, fn_name)
 
 
 def remove_transform_tie(owner: nn.Module, name: str) -> Tensor:
@@ -215,13 +240,16 @@ def remove_transform_tie(owner: nn.Module, name: str) -> Tensor:
         value = tie.fn(source).detach().clone(memory_format=torch.contiguous_format)
     parameter = nn.Parameter(value, requires_grad=bool(source.requires_grad))
     del ties[name]
-    if not ties:
-        del owner.__dict__["_tms_ties"]
-        owner.__class__ = owner.__class__.__mro__[1]
-    items = list(owner._parameters.items())
-    items.insert(tie.position, (name, parameter))
+    order = owner.__dict__[_ORDER]
+    owner._parameters[name] = parameter
+    rank = {n: i for i, n in enumerate(order)}
+    items = sorted(owner._parameters.items(), key=lambda item: rank.get(item[0], len(rank)))
     owner._parameters.clear()
     owner._parameters.update(items)
+    if not ties:
+        del owner.__dict__["_tms_ties"]
+        del owner.__dict__[_ORDER]
+        owner.__class__ = owner.__class__.__mro__[1]
     return parameter
 
 
@@ -278,6 +306,8 @@ def tie(ms: ModelState, dest: str, source: str, transform: str | Transform | Non
         if fn is None:
             # The very same Parameter object: optimizers, .to() and deepcopy see one tensor.
             owner.register_parameter(dest_leaf.name, _as_parameter(src_leaf.tensor))
+            # Discovery reads direction from module order; remember which end is the tie's.
+            owner.__dict__.setdefault(IDENTITY_DESTS, set()).add(dest_leaf.name)
         else:
             add_transform_tie(owner, dest_leaf.name, src_owner, src_leaf.name, fn, fn_name)
     else:
@@ -322,6 +352,7 @@ def untie(ms: ModelState, dest: str) -> None:
             )
             raise ValueError(msg)
         copy = source.detach().clone()
+        owner.__dict__.get(IDENTITY_DESTS, set()).discard(tie.name)
         if isinstance(source, nn.Parameter):
             owner._parameters[tie.name] = nn.Parameter(
                 copy, requires_grad=bool(source.requires_grad)

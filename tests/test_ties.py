@@ -1,0 +1,1187 @@
+"""Weight tying: identity and transform ties, their checks, discovery and interplay."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import torch_modelstate as tms
+from torch_modelstate import ModelState, merges
+
+# --------------------------------------------------------------------------- models
+
+
+class Twin(nn.Module):
+    """Two square layers: ``b.weight`` can be the very same tensor as ``a.weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+class AutoEncoder(nn.Module):
+    """A tied autoencoder: ``dec.weight`` can be ``enc.weight.t()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+        self.dec = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+class Triple(nn.Module):
+    """Three square layers and a transposable pair, for chains and refused ties."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.c = nn.Linear(3, 3)
+        self.up = nn.Linear(3, 5)
+        self.down = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.up(self.c(self.b(self.a(x)))))
+
+
+class Normed(nn.Module):
+    """Two BatchNorms (buffers) next to a square layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.bn1 = nn.BatchNorm1d(3)
+        self.bn2 = nn.BatchNorm1d(3)
+
+
+def twin() -> Twin:
+    torch.manual_seed(0)
+    return Twin()
+
+
+def autoencoder() -> AutoEncoder:
+    torch.manual_seed(0)
+    return AutoEncoder()
+
+
+def triple() -> Triple:
+    torch.manual_seed(0)
+    return Triple()
+
+
+def tied_twin() -> tuple[Twin, ModelState]:
+    model = twin()
+    return model, ModelState.new(model).tie("b.weight", "a.weight")
+
+
+def tied_autoencoder() -> tuple[AutoEncoder, ModelState]:
+    model = autoencoder()
+    return model, ModelState.new(model).tie("dec.weight", "enc.weight", transform=torch.t)
+
+
+def snapshot(model: nn.Module, ms: ModelState) -> dict[str, Any]:
+    """Everything a refused tie must leave as it was."""
+    return {
+        "values": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "keys": list(model.state_dict()),
+        "objects": [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)],
+        "classes": [type(m) for m in model.modules()],
+        "ties": ms.ties(),
+        "transforms": ms.transforms(),
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+    }
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before.keys() == after.keys()
+    for name in before:
+        if name == "values":
+            assert before[name].keys() == after[name].keys()
+            for key, value in before[name].items():
+                other = after[name][key]
+                assert (value.device, value.dtype) == (other.device, other.dtype), key
+                assert value.is_meta or torch.equal(value, other), key
+        else:
+            assert before[name] == after[name], name
+
+
+def assert_refused(
+    model: nn.Module, ms: ModelState, error: type[Exception], match: str, *args: Any, **kwargs: Any
+) -> None:
+    """``ms.tie(*args, **kwargs)`` raises `error` and leaves `model` and `ms` unchanged."""
+    before = snapshot(model, ms)
+    with pytest.raises(error, match=match):
+        ms.tie(*args, **kwargs)
+    assert_same(before, snapshot(model, ms))
+
+
+# --------------------------------------------------------------------------- identity ties
+
+
+def test_identity_tie_makes_destination_the_source_parameter_object() -> None:
+    """An identity tie makes the destination attribute the source's very nn.Parameter."""
+    model = twin()
+    source = model.a.weight
+    ModelState.new(model).tie("b.weight", "a.weight")
+    assert model.b.weight is source
+    assert model.a.weight is source
+    assert isinstance(model.b.weight, nn.Parameter)
+
+
+def test_tie_accepts_paths_as_lists() -> None:
+    """Destination and source may be given as lists of strings."""
+    model = twin()
+    ModelState.new(model).tie(["b", "weight"], ["a", "weight"])
+    assert model.b.weight is model.a.weight
+
+
+def test_tie_returns_the_same_model_state() -> None:
+    """`tie` and `untie` return the ModelState itself, so calls chain."""
+    model = twin()
+    ms = ModelState.new(model)
+    assert ms.tie("b.weight", "a.weight") is ms
+    assert ms.untie("b.weight") is ms
+
+
+
+def test_identity_tie_onto_earlier_key_is_reported_as_made() -> None:
+    """`ties()` reports an identity tie onto an earlier key as {destination: source}."""
+    model = twin()
+    ms = ModelState.new(model).tie("a.weight", "b.weight")
+    assert model.a.weight is model.b.weight
+    assert ms.ties() == {"a.weight": "b.weight"}
+
+
+def test_identity_tie_onto_earlier_key_can_be_untied() -> None:
+    """`untie(destination)` undoes an identity tie onto an earlier key."""
+    model = twin()
+    ms = ModelState.new(model).tie("a.weight", "b.weight")
+    ms.untie("a.weight")
+    assert model.a.weight is not model.b.weight
+
+
+def test_identity_tie_onto_earlier_key_twice_is_a_no_op() -> None:
+    """Repeating an identity tie onto an earlier key is a no-op."""
+    model = twin()
+    ms = ModelState.new(model).tie("a.weight", "b.weight")
+    ms.tie("a.weight", "b.weight")
+    assert model.a.weight is model.b.weight
+
+
+def test_identity_tie_onto_earlier_key_takes_source_value() -> None:
+    """An identity tie onto an earlier key makes both keys hold the source's values."""
+    model = twin()
+    expected = model.b.weight.detach().clone()
+    source = model.b.weight
+    ModelState.new(model).tie("a.weight", "b.weight")
+    assert model.a.weight is source
+    assert torch.equal(model.a.weight, expected)
+
+
+def test_identity_tie_forward_uses_source_values() -> None:
+    """After an identity tie the destination layer computes with the source's weights."""
+    model, _ = tied_twin()
+    x = torch.randn(2, 3)
+    expected = torch.nn.functional.linear(x, model.a.weight, model.b.bias)
+    torch.testing.assert_close(model.b(x), expected)
+
+
+# --------------------------------------------------------------------------- transform ties
+
+
+def test_transform_tie_value_is_transposed_source() -> None:
+    """A transpose tie's destination equals the source transposed."""
+    model, _ = tied_autoencoder()
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+
+
+def test_transform_tie_by_registered_name() -> None:
+    """`transform="transpose"` is the same tie as `transform=torch.t`."""
+    model = autoencoder()
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", transform="transpose")
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+    assert ms.transforms() == {"dec.weight": "transpose"}
+
+
+def test_transform_tie_holds_no_storage() -> None:
+    """A transform destination is no parameter, buffer or attribute of its own."""
+    model, _ = tied_autoencoder()
+    assert "dec.weight" not in dict(model.named_parameters())
+    assert "weight" not in model.dec._parameters
+    assert "weight" not in model.dec._buffers
+    assert "weight" not in vars(model.dec)
+    assert [name for name, _ in model.named_parameters()] == ["enc.weight", "enc.bias", "dec.bias"]
+
+
+def test_transform_tie_computes_on_use() -> None:
+    """Changing the source in place changes the destination's value at the next use."""
+    model, _ = tied_autoencoder()
+    with torch.no_grad():
+        model.enc.weight.mul_(3.0).add_(1.0)
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+    x = torch.randn(2, 3)
+    expected = torch.nn.functional.linear(x, model.enc.weight.t(), model.dec.bias)
+    torch.testing.assert_close(model.dec(x), expected)
+
+
+def test_transform_tie_keeps_state_dict_keys() -> None:
+    """The state_dict of a transform-tied model has the same keys; `dec.weight` stays."""
+    model = autoencoder()
+    keys = set(model.state_dict())
+    ModelState.new(model).tie("dec.weight", "enc.weight", transform=torch.t)
+    sd = model.state_dict()
+    assert set(sd) == keys
+    assert torch.equal(sd["dec.weight"], model.enc.weight.t())
+    assert "parametrizations" not in " ".join(sd)
+
+
+def test_transform_tie_keeps_state_dict_key_order() -> None:
+    """The state_dict keys of a transform-tied model keep their order."""
+    model = autoencoder()
+    keys = list(model.state_dict())
+    ModelState.new(model).tie("dec.weight", "enc.weight", transform=torch.t)
+    assert list(model.state_dict()) == keys
+
+
+def test_transform_tied_state_dict_loads_back() -> None:
+    """load_state_dict of a transform-tied model's own state_dict works and sets the source."""
+    model, ms = tied_autoencoder()
+    sd = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    result = model.load_state_dict(sd)
+    assert result.missing_keys == []
+    assert result.unexpected_keys == []
+    assert torch.equal(model.enc.weight, sd["enc.weight"])
+    assert torch.equal(model.dec.weight, sd["enc.weight"].t())
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+
+
+def test_transform_tied_state_dict_loads_into_untied_model() -> None:
+    """A transform-tied model's state_dict loads strictly into a plain, untied model."""
+    model, _ = tied_autoencoder()
+    plain = AutoEncoder()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain.dec.weight, model.enc.weight.t())
+
+
+def test_transform_tie_with_lambda_works_in_memory() -> None:
+    """A tie with an unnamed callable computes its value and reports no transform name."""
+    model = autoencoder()
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", transform=lambda w: 2.0 * w.t())
+    assert torch.equal(model.dec.weight, 2.0 * model.enc.weight.t())
+    assert ms.transforms() == {"dec.weight": None}
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+
+
+def test_register_transform_makes_a_named_transform() -> None:
+    """A transform registered by name can be used by name and is reported by that name."""
+
+    def negate_transpose(w: Tensor) -> Tensor:
+        return -w.t()
+
+    tms.register_transform("test_ties.negate_transpose", negate_transpose)
+    assert "test_ties.negate_transpose" in tms.registered_transforms()
+    model = autoencoder()
+    ms = ModelState.new(model).tie(
+        "dec.weight", "enc.weight", transform="test_ties.negate_transpose"
+    )
+    assert torch.equal(model.dec.weight, -model.enc.weight.t())
+    assert ms.transforms() == {"dec.weight": "test_ties.negate_transpose"}
+
+
+def test_registered_callable_is_named_when_passed_directly() -> None:
+    """A tie made with a registered callable reports the callable's registered name."""
+
+    def scaled_transpose(w: Tensor) -> Tensor:
+        return 0.5 * w.t()
+
+    tms.register_transform("test_ties.scaled_transpose", scaled_transpose)
+    model = autoencoder()
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", transform=scaled_transpose)
+    assert ms.transforms() == {"dec.weight": "test_ties.scaled_transpose"}
+
+
+def test_register_transform_refuses_a_different_callable_under_a_taken_name() -> None:
+    """Registering another callable under a name already taken is a ValueError."""
+    tms.register_transform("test_ties.taken", torch.neg)
+    tms.register_transform("test_ties.taken", torch.neg)  # the same callable again is fine
+    with pytest.raises(ValueError, match="already registered"):
+        tms.register_transform("test_ties.taken", torch.abs)
+    assert tms.registered_transforms()["test_ties.taken"] is torch.neg
+
+
+def test_transpose_is_registered() -> None:
+    """`"transpose"` is a registered transform."""
+    assert "transpose" in tms.registered_transforms()
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_identity_tie_gradient_is_sum_over_uses() -> None:
+    """The source's gradient through an identity tie is the untied reference's sum of both."""
+    model, _ = tied_twin()
+    reference = Twin()
+    with torch.no_grad():
+        reference.a.weight.copy_(model.a.weight)
+        reference.a.bias.copy_(model.a.bias)
+        reference.b.weight.copy_(model.a.weight)
+        reference.b.bias.copy_(model.b.bias)
+    x = torch.randn(5, 3)
+    model(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert reference.a.weight.grad is not None and reference.b.weight.grad is not None
+    expected = reference.a.weight.grad + reference.b.weight.grad
+    torch.testing.assert_close(model.a.weight.grad, expected)
+    torch.testing.assert_close(model.b.bias.grad, reference.b.bias.grad)
+
+
+def test_transform_tie_gradient_is_sum_over_uses() -> None:
+    """The source's gradient through a transpose tie is the reference's enc + dec.t() grads."""
+    model, _ = tied_autoencoder()
+    reference = AutoEncoder()
+    with torch.no_grad():
+        reference.enc.weight.copy_(model.enc.weight)
+        reference.enc.bias.copy_(model.enc.bias)
+        reference.dec.weight.copy_(model.enc.weight.t())
+        reference.dec.bias.copy_(model.dec.bias)
+    x = torch.randn(5, 4)
+    model(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert reference.enc.weight.grad is not None and reference.dec.weight.grad is not None
+    expected = reference.enc.weight.grad + reference.dec.weight.grad.t()
+    torch.testing.assert_close(model.enc.weight.grad, expected)
+    torch.testing.assert_close(model.dec.bias.grad, reference.dec.bias.grad)
+
+
+# --------------------------------------------------------------------------- survival
+
+
+def test_identity_tie_survives_to_dtype() -> None:
+    """`.to(torch.float64)` keeps an identity tie: one Parameter, now float64."""
+    model, ms = tied_twin()
+    model.to(torch.float64)
+    assert model.b.weight is model.a.weight
+    assert model.a.weight.dtype == torch.float64
+    assert ms.ties() == {"b.weight": "a.weight"}
+
+
+def test_transform_tie_survives_to_dtype() -> None:
+    """`.to(torch.float64)` keeps a transform tie following the converted source."""
+    model, ms = tied_autoencoder()
+    model.to(torch.float64)
+    assert model.dec.weight.dtype == torch.float64
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+    assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+
+
+def test_identity_tie_survives_deepcopy() -> None:
+    """A deep copy ties its own destination to its own source."""
+    model, _ = tied_twin()
+    clone = copy.deepcopy(model)
+    assert clone.b.weight is clone.a.weight
+    assert clone.a.weight is not model.a.weight
+    assert ModelState.new(clone).ties() == {"b.weight": "a.weight"}
+
+
+def test_transform_tie_deepcopy_follows_its_own_source() -> None:
+    """Changing a deep copy's source changes the copy's destination, not the original's."""
+    model, _ = tied_autoencoder()
+    original = model.dec.weight.detach().clone()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.enc.weight.add_(1.0)
+    assert torch.equal(clone.dec.weight, clone.enc.weight.t())
+    assert torch.equal(model.dec.weight, original)
+    assert ModelState.new(clone).transforms() == {"dec.weight": "transpose"}
+
+
+def test_transform_tie_follows_a_replaced_source_parameter() -> None:
+    """Assigning a new Parameter to the source re-points the transform destination."""
+    model, ms = tied_autoencoder()
+    model.enc.weight = nn.Parameter(torch.ones(3, 4))
+    assert torch.equal(model.dec.weight, torch.ones(4, 3))
+    assert ms.parameters()["enc.weight"] is model.enc.weight
+
+
+def test_transform_tie_survives_to_empty() -> None:
+    """A transform tie made on the meta device follows the source through `to_empty`."""
+    with torch.device("meta"):
+        model = AutoEncoder()
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    model.to_empty(device="cpu")
+    assert model.dec.weight.device == torch.device("cpu")
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+
+
+def test_transform_tie_survives_pickle() -> None:
+    """A transform-tied module pickles and the loaded copy follows its own source."""
+    model, _ = tied_autoencoder()
+    loaded = pickle.loads(pickle.dumps(model))
+    assert type(loaded.dec) is type(model.dec)
+    assert torch.equal(loaded.dec.weight, loaded.enc.weight.t())
+    with torch.no_grad():
+        loaded.enc.weight.add_(1.0)
+    assert torch.equal(loaded.dec.weight, loaded.enc.weight.t())
+    assert not torch.equal(model.dec.weight, loaded.dec.weight)
+    ms = ModelState.new(loaded)
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+    assert ms.transforms() == {"dec.weight": "transpose"}
+
+
+def test_identity_tie_survives_sgd_steps() -> None:
+    """SGD on trainable_parameters() updates the source and the destination is still it."""
+    model, ms = tied_twin()
+    params = list(ms.trainable_parameters().values())
+    assert len(params) == len({id(p) for p in params}) == 3
+    before = model.a.weight.detach().clone()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        optimizer.step()
+    assert model.b.weight is model.a.weight
+    assert not torch.equal(model.a.weight, before)
+
+
+def test_transform_tie_survives_adamw_steps() -> None:
+    """AdamW on trainable_parameters() updates the source and the destination follows."""
+    model, ms = tied_autoencoder()
+    before = model.enc.weight.detach().clone()
+    optimizer = torch.optim.AdamW(ms.trainable_parameters().values(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 4)).pow(2).sum().backward()
+        optimizer.step()
+    assert not torch.equal(model.enc.weight, before)
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+
+
+def test_ties_survive_train_and_eval() -> None:
+    """`train()` and `eval()` keep identity and transform ties."""
+    model, ms = tied_autoencoder()
+    pair, pair_ms = tied_twin()
+    for training in (False, True):
+        model.train(training)
+        pair.train(training)
+        assert model.dec.training is training
+        assert torch.equal(model.dec.weight, model.enc.weight.t())
+        assert pair.b.weight is pair.a.weight
+        assert ms.ties() == {"dec.weight": "enc.weight"}
+        assert pair_ms.ties() == {"b.weight": "a.weight"}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_tie_unknown_destination_is_key_error() -> None:
+    """An unknown destination key is a KeyError and nothing changes."""
+    model = twin()
+    assert_refused(model, ModelState.new(model), KeyError, "c.weight", "c.weight", "a.weight")
+
+
+def test_tie_unknown_source_is_key_error() -> None:
+    """An unknown source key is a KeyError and nothing changes."""
+    model = twin()
+    assert_refused(model, ModelState.new(model), KeyError, "a.wieght", "b.weight", "a.wieght")
+
+
+def test_tie_to_itself_is_value_error() -> None:
+    """Tying a key to itself is a ValueError and nothing changes."""
+    model = twin()
+    assert_refused(model, ModelState.new(model), ValueError, "same", "a.weight", "a.weight")
+
+
+def test_tie_shape_mismatch_is_value_error() -> None:
+    """A source whose shape does not fit the destination is a ValueError naming the shapes."""
+    model = triple()
+    assert_refused(model, ModelState.new(model), ValueError, r"\(3,\)", "a.weight", "a.bias")
+
+
+def test_tie_shape_mismatch_suggests_transpose() -> None:
+    """When the transposed source would fit, the shape error suggests the transpose."""
+    model = triple()
+    assert_refused(
+        model, ModelState.new(model), ValueError, "transpose", "down.weight", "up.weight"
+    )
+
+
+def test_tie_transformed_shape_mismatch_is_value_error() -> None:
+    """A transform whose result does not fit the destination is a ValueError."""
+    model = triple()
+    ms = ModelState.new(model)
+    assert_refused(model, ms, ValueError, "does not fit", "a.weight", "up.weight", "transpose")
+    assert_refused(model, ms, ValueError, "does not fit", "a.bias", "up.bias", transform=torch.neg)
+
+
+def test_tie_dtype_mismatch_is_value_error() -> None:
+    """A source of another dtype is a ValueError and nothing changes."""
+    model = twin()
+    model.a.to(torch.float64)
+    assert_refused(model, ModelState.new(model), ValueError, "dtype", "b.weight", "a.weight")
+
+
+def test_tie_transform_dtype_mismatch_is_value_error() -> None:
+    """A transform whose result has another dtype is a ValueError and nothing changes."""
+    model = autoencoder()
+    ms = ModelState.new(model)
+    assert_refused(
+        model, ms, ValueError, "dtype", "dec.weight", "enc.weight", lambda w: w.t().double()
+    )
+
+
+def test_tie_transform_returning_no_tensor_is_type_error() -> None:
+    """A transform that returns no tensor is a TypeError and nothing changes."""
+    model = autoencoder()
+    ms = ModelState.new(model)
+    assert_refused(model, ms, TypeError, "tensor", "dec.weight", "enc.weight", lambda w: 3)
+
+
+def test_tie_device_mismatch_is_value_error() -> None:
+    """A source on another device (here: meta) is a ValueError and nothing changes."""
+    model = twin()
+    model.a = nn.Linear(3, 3, device="meta")
+    assert_refused(model, ModelState.new(model), ValueError, "device", "b.weight", "a.weight")
+
+
+def test_tie_onto_tied_destination_is_value_error() -> None:
+    """Tying an already-tied destination to another source is a ValueError."""
+    model = triple()
+    ms = ModelState.new(model).tie("c.weight", "a.weight")
+    assert_refused(model, ms, ValueError, "already tied", "c.weight", "b.weight")
+
+
+def test_tie_onto_transform_destination_is_value_error() -> None:
+    """Tying a transform destination again to another source is a ValueError."""
+    model = triple()
+    ms = ModelState.new(model).tie("c.weight", "a.weight", transform="transpose")
+    assert_refused(model, ms, ValueError, "c.weight", "c.weight", "b.weight")
+
+
+def test_tie_source_of_other_ties_as_destination_is_value_error() -> None:
+    """A key that is the source of other ties cannot become a destination (no chains)."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight")
+    assert_refused(model, ms, ValueError, "source of other ties", "a.weight", "c.weight")
+
+
+def test_tie_to_identity_destination_resolves_to_root_source() -> None:
+    """A source that is itself an identity destination is resolved to its root source."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight").tie("c.weight", "b.weight")
+    assert ms.ties() == {"b.weight": "a.weight", "c.weight": "a.weight"}
+    assert model.c.weight is model.a.weight
+
+
+def test_tie_to_transform_destination_is_value_error() -> None:
+    """A source that is a transform destination is a ValueError and nothing changes."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight", transform="transpose")
+    assert_refused(model, ms, ValueError, "transform destination", "c.weight", "b.weight")
+
+
+def test_tie_buffers_in_a_module_is_value_error() -> None:
+    """Buffers cannot be tied in a module, as destination or source."""
+    model = Normed()
+    ms = ModelState.new(model)
+    assert_refused(model, ms, ValueError, "buffer", "bn2.running_mean", "bn1.running_mean")
+    assert_refused(model, ms, ValueError, "buffer", "fc.bias", "bn1.running_mean")
+    assert_refused(model, ms, ValueError, "buffer", "bn1.running_var", "fc.bias")
+
+
+def test_tie_unknown_transform_name_is_value_error() -> None:
+    """An unregistered transform name is a ValueError listing the known ones."""
+    model = autoencoder()
+    ms = ModelState.new(model)
+    assert_refused(model, ms, ValueError, "transpose", "dec.weight", "enc.weight", "transpoze")
+
+
+def test_tie_bad_transform_type_is_type_error() -> None:
+    """A transform that is neither a name nor a callable is a TypeError."""
+    model = autoencoder()
+    ms = ModelState.new(model)
+    assert_refused(model, ms, TypeError, "transform", "dec.weight", "enc.weight", 3)
+
+
+def test_tie_twice_to_the_same_source_is_a_no_op() -> None:
+    """Repeating a tie is a no-op, for identity and transform ties."""
+    model = triple()
+    ms = (
+        ModelState.new(model)
+        .tie("b.weight", "a.weight")
+        .tie("up.weight", "down.weight", "transpose")
+    )
+    before = snapshot(model, ms)
+    ms.tie("b.weight", "a.weight").tie("up.weight", "down.weight", "transpose")
+    assert_same(before, snapshot(model, ms))
+    assert model.b.weight is model.a.weight
+
+
+def test_tie_twice_by_callable_and_name_is_a_no_op() -> None:
+    """`torch.t` after `"transpose"` is the same tie, not a conflict."""
+    model = autoencoder()
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    ms.tie("dec.weight", "enc.weight", torch.t)
+    assert ms.transforms() == {"dec.weight": "transpose"}
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_ties_discovers_shared_parameters() -> None:
+    """`ties()` reports a Parameter assigned to two attributes, the later key being the dest."""
+    model = twin()
+    model.b.weight = model.a.weight
+    assert ModelState.new(model).ties() == {"b.weight": "a.weight"}
+
+
+def test_ties_discovery_uses_module_order_not_assignment_order() -> None:
+    """Assigning the later layer's weight to the earlier one still makes the later key the dest."""
+    model = twin()
+    model.a.weight = model.b.weight
+    assert ModelState.new(model).ties() == {"b.weight": "a.weight"}
+
+
+def test_ties_discovers_ties_made_after_the_view() -> None:
+    """A live view sees a shared Parameter assigned after it was built."""
+    model = twin()
+    ms = ModelState.new(model)
+    assert ms.ties() == {}
+    model.b.weight = model.a.weight
+    assert ms.ties() == {"b.weight": "a.weight"}
+
+
+def test_ties_reports_made_and_found_ties() -> None:
+    """`ties()` lists ties made with `tie` together with ties found in the module."""
+    model = triple()
+    model.b.weight = model.a.weight
+    ms = ModelState.new(model).tie("down.weight", "up.weight", "transpose")
+    assert ms.ties() == {"b.weight": "a.weight", "down.weight": "up.weight"}
+
+
+def test_ties_discovers_shared_submodule() -> None:
+    """A submodule registered twice ties each of its parameters, later keys as destinations."""
+    model = twin()
+    model.b = model.a
+    assert ModelState.new(model).ties() == {"b.weight": "a.weight", "b.bias": "a.bias"}
+
+
+def test_existing_view_sees_ties_made_through_another_view() -> None:
+    """A ModelState already in use sees ties made and removed through another view."""
+    model = autoencoder()
+    first, second = ModelState.new(model), ModelState.new(model)
+    assert second.ties() == {}
+    first.tie("dec.weight", "enc.weight", "transpose")
+    assert second.ties() == {"dec.weight": "enc.weight"}
+    assert "dec.weight" not in second.parameters()
+    first.untie("dec.weight")
+    assert second.ties() == {}
+    assert "dec.weight" in second.parameters()
+
+
+def test_transforms_names_transform_ties_only() -> None:
+    """`transforms()` lists transform ties by name, not identity ties."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight")
+    ms.tie("down.weight", "up.weight", torch.Tensor.t)
+    ms.tie("c.weight", "a.weight", lambda w: w.t())
+    assert ms.transforms() == {"c.weight": None, "down.weight": "transpose"}
+
+
+def test_a_new_view_sees_transform_ties() -> None:
+    """A second ModelState over a transform-tied module reports the tie."""
+    model, _ = tied_autoencoder()
+    again = ModelState.new(model)
+    assert again.ties() == {"dec.weight": "enc.weight"}
+    assert again.transforms() == {"dec.weight": "transpose"}
+
+
+# --------------------------------------------------------------------------- accessors
+
+
+def test_accessors_list_identity_tied_tensor_once_under_source() -> None:
+    """Accessors list an identity-tied tensor once, under its source key."""
+    model, ms = tied_twin()
+    params = ms.parameters()
+    assert list(params) == ["a.weight", "a.bias", "b.bias"]
+    assert params["a.weight"] is model.a.weight
+    assert list(ms.trainable_parameters()) == ["a.weight", "a.bias", "b.bias"]
+
+
+def test_accessors_leave_out_transform_destinations() -> None:
+    """Accessors leave out transform destinations."""
+    _, ms = tied_autoencoder()
+    assert list(ms.parameters()) == ["enc.weight", "enc.bias", "dec.bias"]
+    assert list(ms.trainable_parameters()) == ["enc.weight", "enc.bias", "dec.bias"]
+
+
+def test_fully_tied_layer_disappears_from_trainable_parameters() -> None:
+    """A layer whose parameters are all tied has no key in trainable_parameters (Axon)."""
+    model = nn.ModuleDict({"emb": nn.Embedding(5, 3), "head": nn.Linear(3, 5, bias=False)})
+    ms = ModelState.new(model).tie("head.weight", "emb.weight")
+    assert list(ms.trainable_parameters()) == ["emb.weight"]
+    assert "head.weight" in ms.to_dict()
+
+
+def test_freezing_the_source_freezes_identity_destination() -> None:
+    """Freezing an identity source freezes the destination too."""
+    model, ms = tied_twin()
+    ms.freeze("a.weight")
+    assert model.b.weight.requires_grad is False
+    assert list(ms.frozen_parameters()) == ["a.weight"]
+    assert "b.weight" not in ms.trainable_parameters()
+
+
+def test_freezing_the_source_freezes_transform_destination() -> None:
+    """Freezing a transform source makes the computed destination need no gradient."""
+    model, ms = tied_autoencoder()
+    ms.freeze("enc.**")
+    assert model.dec.weight.requires_grad is False
+    ms.unfreeze("enc.weight")
+    assert model.dec.weight.requires_grad is True
+
+
+def test_masks_do_not_see_tie_destinations() -> None:
+    """A mask is called for every leaf except tie destinations."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight").tie("down.weight", "up.weight", torch.t)
+    seen: list[str] = []
+
+    def mask(path: list[str]) -> bool:
+        seen.append(".".join(path))
+        return False
+
+    ms.freeze(mask)
+    assert "b.weight" not in seen
+    assert "down.weight" not in seen
+    assert seen == list(ms.parameters())
+
+
+def test_to_dict_lists_every_key_with_destinations_resolved() -> None:
+    """`to_dict()` has the keys of state_dict(), identity and transform destinations resolved."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight").tie("down.weight", "up.weight", torch.t)
+    values = ms.to_dict()
+    assert list(values) == list(model.state_dict())
+    assert values["b.weight"] is model.a.weight
+    assert torch.equal(values["down.weight"], model.up.weight.t())
+
+
+def test_summary_counts_a_tied_tensor_once() -> None:
+    """The repr's parameter count holds each tied tensor once."""
+    _, ms = tied_autoencoder()
+    assert "Parameters: 19 (76 B)" in repr(ms)  # enc.weight 12 + enc.bias 3 + dec.bias 4
+
+
+# --------------------------------------------------------------------------- update
+
+
+def test_update_through_identity_destination_writes_source() -> None:
+    """A value for an identity destination is written into the source."""
+    model, ms = tied_twin()
+    source = model.a.weight
+    ms.update({"b.weight": torch.full((3, 3), 2.0)})
+    assert model.a.weight is source
+    assert torch.equal(source, torch.full((3, 3), 2.0))
+
+
+def test_update_conflicting_values_for_one_tied_tensor_is_value_error() -> None:
+    """Two different values for one tied tensor are a ValueError and nothing is written."""
+    model, ms = tied_twin()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    values = {
+        "a.bias": torch.zeros(3),
+        "a.weight": torch.zeros(3, 3),
+        "b.weight": torch.ones(3, 3),
+    }
+    with pytest.raises(ValueError, match="different values"):
+        ms.update(values)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_update_equal_values_for_one_tied_tensor_is_fine() -> None:
+    """Equal values under a source and its destination are accepted."""
+    model, ms = tied_twin()
+    ms.update({"a.weight": torch.ones(3, 3), "b.weight": torch.ones(3, 3)})
+    assert torch.equal(model.b.weight, torch.ones(3, 3))
+
+
+def test_update_from_own_state_dict_of_tied_model() -> None:
+    """`ms.update(model.state_dict())` on an identity-tied model is accepted and changes nothing."""
+    model, ms = tied_twin()
+    before = snapshot(model, ms)
+    ms.update(model.state_dict())
+    assert_same(before, snapshot(model, ms))
+
+
+def test_update_from_another_tied_models_state_dict() -> None:
+    """`ms.update(other.state_dict())` loads an identity-tied model's values, tie kept."""
+    model, ms = tied_twin()
+    other = twin()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.b.weight = other.a.weight
+    ms.update(other.state_dict())
+    for key, value in other.state_dict().items():
+        assert torch.equal(ms.to_dict()[key], value), key
+    assert model.b.weight is model.a.weight
+
+
+def test_update_transform_destination_is_value_error() -> None:
+    """A value for a transform destination is a ValueError naming the source; nothing written."""
+    model, ms = tied_autoencoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"dec\.weight.*transform tie[\s\S]*enc\.weight"):
+        ms.update({"enc.bias": torch.zeros(3), "dec.weight": torch.zeros(4, 3)})
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def test_merge_applies_once_to_identity_tied_tensor() -> None:
+    """`merges.add(1.0)` doubles an identity-tied tensor once, not twice."""
+    model, ms = tied_twin()
+    before = model.a.weight.detach().clone()
+    ms.merge(model.state_dict(), merges.add(1.0))
+    torch.testing.assert_close(model.a.weight, 2.0 * before)
+    assert model.b.weight is model.a.weight
+
+
+def test_merge_applies_once_to_transform_tied_tensor() -> None:
+    """`merges.add(1.0)` from a transform-tied rhs doubles the source once."""
+    model, ms = tied_autoencoder()
+    other = copy.deepcopy(model)
+    before = model.enc.weight.detach().clone()
+    ms.merge(other, merges.add(1.0))
+    torch.testing.assert_close(model.enc.weight, 2.0 * before)
+    torch.testing.assert_close(model.dec.weight, 2.0 * before.t())
+
+
+def test_merge_function_is_called_once_per_tied_tensor() -> None:
+    """A merge function is called for source keys only, never for destinations."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight").tie("down.weight", "up.weight", torch.t)
+    seen: list[str] = []
+
+    def fun(path: list[str], lhs: Tensor, rhs: Tensor) -> Tensor:
+        seen.append(".".join(path))
+        return lhs + rhs
+
+    ms.merge(model.state_dict(), fun)
+    assert seen == list(ms.parameters())
+
+
+# --------------------------------------------------------------------------- untie
+
+
+def test_untie_identity_gives_destination_its_own_copy() -> None:
+    """Untie gives an identity destination a new Parameter with equal values, own storage."""
+    model, ms = tied_twin()
+    ms.untie("b.weight")
+    assert isinstance(model.b.weight, nn.Parameter)
+    assert model.b.weight is not model.a.weight
+    assert model.b.weight.data_ptr() != model.a.weight.data_ptr()
+    assert torch.equal(model.b.weight, model.a.weight)
+    assert ms.ties() == {}
+    assert list(ms.parameters()) == list(model.state_dict())
+    with torch.no_grad():
+        model.a.weight.add_(1.0)
+    assert not torch.equal(model.b.weight, model.a.weight)
+
+
+def test_untie_discovered_tie() -> None:
+    """Untie also separates a tie found in the module."""
+    model = twin()
+    model.b.weight = model.a.weight
+    ModelState.new(model).untie("b.weight")
+    assert model.b.weight is not model.a.weight
+
+
+def test_untie_identity_keeps_frozen_flag() -> None:
+    """An untied destination of a frozen source is frozen too."""
+    model, ms = tied_twin()
+    ms.freeze("a.weight").untie("b.weight")
+    assert model.b.weight.requires_grad is False
+
+
+def test_untie_transform_materialises_the_value() -> None:
+    """Untie gives a transform destination its current value as its own Parameter."""
+    model, ms = tied_autoencoder()
+    expected = model.enc.weight.detach().t().clone()
+    ms.untie("dec.weight")
+    assert isinstance(model.dec.weight, nn.Parameter)
+    assert torch.equal(model.dec.weight, expected)
+    assert model.dec.weight.is_contiguous()
+    with torch.no_grad():
+        model.enc.weight.add_(1.0)
+    assert torch.equal(model.dec.weight, expected)
+    assert ms.ties() == {}
+
+
+def test_untie_transform_restores_class_and_parameter_order() -> None:
+    """After untie the module's class and parameter order are those before the tie."""
+    model = autoencoder()
+    keys = list(model.state_dict())
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", torch.t)
+    ms.untie("dec.weight")
+    assert type(model.dec) is nn.Linear
+    assert list(model.dec._parameters) == ["weight", "bias"]
+    assert list(model.state_dict()) == keys
+    assert [name for name, _ in model.named_parameters()] == keys
+
+
+def test_untie_two_transform_ties_of_one_module_restores_parameter_order() -> None:
+    """Untying both transform ties of one module, in the order made, restores its order."""
+    model = triple()
+    keys = list(model.state_dict())
+    ms = ModelState.new(model).tie("c.weight", "a.weight", "transpose")
+    ms.tie("c.bias", "a.bias", torch.neg)
+    ms.untie("c.weight").untie("c.bias")
+    assert list(model.c._parameters) == ["weight", "bias"]
+    assert list(model.state_dict()) == keys
+
+
+def test_untie_two_transform_ties_in_reverse_order_restores_parameter_order() -> None:
+    """Untying both transform ties of one module in reverse order restores its order."""
+    model = triple()
+    ms = ModelState.new(model).tie("c.weight", "a.weight", "transpose")
+    ms.tie("c.bias", "a.bias", torch.neg)
+    ms.untie("c.bias").untie("c.weight")
+    assert list(model.c._parameters) == ["weight", "bias"]
+    assert type(model.c) is nn.Linear
+
+
+def test_untie_transform_module_keeps_working() -> None:
+    """An untied module computes, trains and pickles as a plain one."""
+    model, ms = tied_autoencoder()
+    ms.untie("dec.weight")
+    model(torch.randn(2, 4)).sum().backward()
+    assert model.dec.weight.grad is not None
+    loaded = pickle.loads(pickle.dumps(model))
+    assert torch.equal(loaded.dec.weight, model.dec.weight)
+
+
+def test_untie_then_tie_again() -> None:
+    """A destination can be tied again after untie."""
+    model, ms = tied_autoencoder()
+    ms.untie("dec.weight").tie("dec.weight", "enc.weight", "transpose")
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+    assert torch.equal(model.dec.weight, model.enc.weight.t())
+
+
+def test_untie_shared_submodule_is_value_error() -> None:
+    """A submodule registered twice cannot be untied attribute by attribute."""
+    model = twin()
+    model.b = model.a
+    ms = ModelState.new(model)
+    with pytest.raises(ValueError, match="shared submodule"):
+        ms.untie("b.weight")
+    assert model.b is model.a
+
+
+class Forwarding(nn.Linear):
+    """A layer with its own `__getattr__` that answers one extra name, as wrappers do."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "extra":
+            return 42
+        return super().__getattr__(name)
+
+
+def test_transform_tie_keeps_the_modules_own_getattr() -> None:
+    """A module class's own `__getattr__` still answers after a transform tie on it."""
+    model = nn.ModuleDict({"enc": nn.Linear(4, 3), "dec": Forwarding(3, 4)})
+    assert model.dec.extra == 42
+    ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    assert model.dec.extra == 42
+
+
+def test_transform_tie_within_one_module() -> None:
+    """Destination and source may be two attributes of one module, and untie restores it."""
+    module = nn.Module()
+    module.w1 = nn.Parameter(torch.randn(3, 4))
+    module.w2 = nn.Parameter(torch.randn(4, 3))
+    ms = ModelState.new(module).tie("w2", "w1", "transpose")
+    assert torch.equal(module.w2, module.w1.t())
+    clone = copy.deepcopy(module)
+    with torch.no_grad():
+        clone.w1.add_(1.0)
+    assert torch.equal(clone.w2, clone.w1.t())
+    ms.untie("w2")
+    assert type(module) is nn.Module
+    assert list(module.state_dict()) == ["w1", "w2"]
+
+
+def test_clone_keeps_ties() -> None:
+    """A standalone clone of a tied state has the same ties and transforms."""
+    model = triple()
+    ms = ModelState.new(model).tie("b.weight", "a.weight").tie("down.weight", "up.weight", torch.t)
+    clone = ms.clone()
+    assert clone.ties() == ms.ties()
+    assert clone.transforms() == ms.transforms()
+    values = clone.to_dict()
+    assert list(values) == list(model.state_dict())
+    assert values["b.weight"] is values["a.weight"]
+    assert values["a.weight"] is not model.a.weight
+
+
+def test_untie_key_that_is_not_tied_is_value_error() -> None:
+    """Untie of a key that is no tie destination is a ValueError."""
+    model, ms = tied_twin()
+    before = snapshot(model, ms)
+    with pytest.raises(ValueError, match="not a tie destination"):
+        ms.untie("a.weight")
+    assert_same(before, snapshot(model, ms))
+
+
+def test_untie_unknown_key_is_key_error() -> None:
+    """Untie of an unknown key is a KeyError."""
+    _, ms = tied_twin()
+    with pytest.raises(KeyError, match=r"c\.weight"):
+        ms.untie("c.weight")
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+def standalone() -> ModelState:
+    torch.manual_seed(0)
+    return ModelState.new(
+        {
+            "a": torch.randn(3, 3),
+            "b": torch.randn(3, 3),
+            "up": torch.randn(3, 5),
+            "down": torch.randn(5, 3),
+        }
+    )
+
+
+def test_standalone_identity_tie() -> None:
+    """In a dict-backed state an identity destination resolves to the source tensor."""
+    ms = standalone().tie("b", "a")
+    values = ms.to_dict()
+    assert list(values) == ["a", "b", "up", "down"]
+    assert values["b"] is values["a"]
+    assert ms.ties() == {"b": "a"}
+    assert list(ms.parameters()) == ["a", "up", "down"]
+
+
+def test_standalone_transform_tie() -> None:
+    """In a dict-backed state a transform destination is computed from the source."""
+    ms = standalone().tie("down", "up", "transpose")
+    values = ms.to_dict()
+    assert torch.equal(values["down"], values["up"].t())
+    assert ms.transforms() == {"down": "transpose"}
+    assert list(ms.parameters()) == ["a", "b", "up"]
+
+
+def test_standalone_discovers_shared_tensor() -> None:
+    """One tensor under two keys of a dict is an identity tie, the later key the destination."""
+    w = torch.randn(2, 2)
+    ms = ModelState.new({"x": torch.zeros(2), "first": w, "second": w})
+    assert ms.ties() == {"second": "first"}
+
+
+def test_standalone_tie_validation() -> None:
+    """A dict-backed state refuses unknown keys, self ties and shape mismatches, unchanged."""
+    ms = standalone()
+    before = {k: v.clone() for k, v in ms.to_dict().items()}
+    with pytest.raises(KeyError, match="nope"):
+        ms.tie("nope", "a")
+    with pytest.raises(ValueError, match="same"):
+        ms.tie("a", "a")
+    with pytest.raises(ValueError, match="transpose"):
+        ms.tie("down", "up")
+    with pytest.raises(ValueError, match="does not fit"):
+        ms.tie("a", "up")
+    assert ms.ties() == {}
+    assert all(torch.equal(v, before[k]) for k, v in ms.to_dict().items())
+
+
+def test_standalone_untie_identity() -> None:
+    """Untie in a dict-backed state gives the destination its own copy."""
+    ms = standalone().tie("b", "a").untie("b")
+    values = ms.to_dict()
+    assert values["b"] is not values["a"]
+    assert values["b"].data_ptr() != values["a"].data_ptr()
+    assert torch.equal(values["b"], values["a"])
+    assert ms.ties() == {}
+    assert list(ms.parameters()) == ["a", "b", "up", "down"]
+
+
+def test_standalone_untie_transform() -> None:
+    """Untie of a transform destination in a dict-backed state materialises its value."""
+    ms = standalone().tie("down", "up", torch.t).untie("down")
+    values = ms.to_dict()
+    assert torch.equal(values["down"], values["up"].t())
+    values["up"].add_(1.0)
+    assert not torch.equal(ms.to_dict()["down"], ms.to_dict()["up"].t())
+
+
+def test_standalone_untie_not_tied_and_unknown() -> None:
+    """Untie in a dict-backed state: ValueError for a plain key, KeyError for an unknown one."""
+    ms = standalone()
+    with pytest.raises(ValueError, match="not a tie destination"):
+        ms.untie("a")
+    with pytest.raises(KeyError, match="nope"):
+        ms.untie("nope")
+
+
+def test_standalone_freezing_follows_source() -> None:
+    """In a dict-backed state a destination is never listed; untie keeps the source's flag."""
+    ms = standalone().tie("b", "a").freeze("a")
+    assert list(ms.frozen_parameters()) == ["a"]
+    ms.untie("b")
+    assert list(ms.frozen_parameters()) == ["a", "b"]
+
+
+def test_standalone_update_through_destination() -> None:
+    """Update through a dict-backed identity destination writes the source."""
+    ms = standalone().tie("b", "a")
+    ms.update({"b": torch.ones(3, 3)})
+    assert torch.equal(ms.to_dict()["a"], torch.ones(3, 3))
+
+
+def test_standalone_update_conflict_is_value_error() -> None:
+    """Conflicting values for a dict-backed tie are a ValueError and nothing is written."""
+    ms = standalone().tie("b", "a")
+    before = {k: v.clone() for k, v in ms.to_dict().items()}
+    with pytest.raises(ValueError, match="different values"):
+        ms.update({"up": torch.zeros(3, 5), "a": torch.zeros(3, 3), "b": torch.ones(3, 3)})
+    assert all(torch.equal(v, before[k]) for k, v in ms.to_dict().items())
+
+
+def test_standalone_update_transform_destination_is_value_error() -> None:
+    """A value for a dict-backed transform destination is a ValueError."""
+    ms = standalone().tie("down", "up", "transpose")
+    with pytest.raises(ValueError, match="transform tie"):
+        ms.update({"down": torch.zeros(5, 3)})
+
+
+def test_standalone_merge_applies_once() -> None:
+    """Merge into a dict-backed tied state touches each tied tensor once."""
+    ms = standalone().tie("b", "a").tie("down", "up", "transpose")
+    before = {k: v.clone() for k, v in ms.to_dict().items()}
+    ms.merge(before, merges.add(1.0))
+    after = ms.to_dict()
+    torch.testing.assert_close(after["a"], 2.0 * before["a"])
+    torch.testing.assert_close(after["up"], 2.0 * before["up"])
+    torch.testing.assert_close(after["down"], 2.0 * before["up"].t())
+    assert after["b"] is after["a"]
