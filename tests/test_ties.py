@@ -154,7 +154,6 @@ def test_tie_returns_the_same_model_state() -> None:
     assert ms.untie("b.weight") is ms
 
 
-
 def test_identity_tie_onto_earlier_key_is_reported_as_made() -> None:
     """`ties()` reports an identity tie onto an earlier key as {destination: source}."""
     model = twin()
