@@ -39,7 +39,8 @@ def set_frozen(owner: nn.Module, names: Iterable[str], frozen: bool) -> None:
             current = owner.__dict__[_NAMES] = set()
         current.update(names)
         if not owner.__dict__.get(_HOOKED, False):
-            owner.register_forward_pre_hook(_swap_in_scratch)
+            # First among the pre-hooks, so hooks such as spectral_norm's see the scratch copy.
+            owner.register_forward_pre_hook(_swap_in_scratch, prepend=True)
             owner.register_forward_hook(_restore, always_call=True)
             owner.__dict__[_HOOKED] = True
     elif current is not None:

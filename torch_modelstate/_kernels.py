@@ -56,11 +56,24 @@ def _pairs_by_device_dtype(
     return groups
 
 
+def _unaliased(dsts: list[Tensor], srcs: list[Tensor]) -> list[Tensor]:
+    """`srcs`, with a copy of each one that is also written as another position's dst.
+
+    ``update({"a": b, "b": a})`` must read both values before writing either.
+    """
+    written = set(map(id, dsts))
+    if written.isdisjoint(map(id, srcs)):
+        return srcs
+    position = {id(d): i for i, d in enumerate(dsts)}
+    return [s.clone() if position.get(id(s), i) != i else s for i, s in enumerate(srcs)]
+
+
 @torch.no_grad()
 def copy_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """Copy ``srcs[i]`` into ``dsts[i]`` for all i, casting and moving as needed."""
     if not dsts:
         return
+    srcs = _unaliased(dsts, srcs)
     if _all_cpu(dsts, srcs):
         torch._foreach_copy_(dsts, srcs)
         return
@@ -115,6 +128,7 @@ def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> N
 @torch.no_grad()
 def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += weight * (rhs[i] - lhs[i])`` in place, as grouped ``_foreach_lerp_``."""
+    rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_lerp_(lhs, rhs, weight)
         return
@@ -127,6 +141,7 @@ def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloa
 @torch.no_grad()
 def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += alpha * rhs[i]`` in place, as grouped ``_foreach_add_``."""
+    rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_add_(lhs, rhs, alpha=alpha)
         return

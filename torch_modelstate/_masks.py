@@ -48,6 +48,12 @@ class Mask:
     def __invert__(self) -> Mask:
         return not_(self)
 
+    def __ror__(self, other: MaskLike) -> Mask:
+        return any_of(other, self)
+
+    def __rand__(self, other: MaskLike) -> Mask:
+        return all_of(other, self)
+
 
 class _Everything(Mask):
     __slots__ = ()
@@ -63,19 +69,23 @@ class _Everything(Mask):
 
 
 class _Regex(Mask):
-    """Glob strings and regexes, merged into one alternation."""
+    """Glob strings merged into one alternation, or one compiled regex kept as given.
+
+    Globs translate to group-free, flag-free regexes, so any number of them join into one
+    pattern safely. A user's regex may carry flags, named groups or backreferences, so it
+    is never joined with anything else.
+    """
 
     __slots__ = ("_pattern", "_sources")
 
-    def __init__(self, sources: list[str | re.Pattern[str]]) -> None:
+    def __init__(self, sources: list[str] | re.Pattern[str]) -> None:
+        if isinstance(sources, re.Pattern):
+            self._sources: list[str] | re.Pattern[str] = sources
+            self._pattern = sources
+            return
         self._sources = sources
-        parts = [_glob_to_regex(s) if isinstance(s, str) else s.pattern for s in sources]
-        flags = 0
-        for source in sources:
-            if isinstance(source, re.Pattern):
-                flags |= source.flags & ~re.UNICODE
-        joined = parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
-        self._pattern = re.compile(joined, flags)
+        parts = [_glob_to_regex(s) for s in sources]
+        self._pattern = re.compile(parts[0] if len(parts) == 1 else "|".join(parts))
 
     def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
         fullmatch = self._pattern.fullmatch
@@ -85,10 +95,10 @@ class _Regex(Mask):
         return self._pattern.fullmatch(key) is not None
 
     def __repr__(self) -> str:
-        shown = [
-            repr(s) if isinstance(s, str) else f"re.compile({s.pattern!r})" for s in self._sources
-        ]
-        return f"Mask({shown[0]})" if len(shown) == 1 else "Mask([" + ", ".join(shown) + "])"
+        if isinstance(self._sources, re.Pattern):
+            return f"Mask({self._sources!r})"
+        shown = ", ".join(map(repr, self._sources))
+        return f"Mask({shown})" if len(self._sources) == 1 else f"Mask([{shown}])"
 
 
 class _Callable(Mask):
@@ -192,8 +202,16 @@ def compile_mask(mask: MaskLike) -> Mask:
         return _Everything()
     if isinstance(mask, Mask):
         return mask
-    if isinstance(mask, (str, re.Pattern)):
+    if isinstance(mask, str):
         return _Regex([mask])
+    if isinstance(mask, re.Pattern):
+        if not isinstance(mask.pattern, str):
+            msg = (
+                "A regex mask must be compiled from a str pattern, not bytes: keys are str.\n"
+                f"  got: {mask!r}\n  fix: re.compile({mask.pattern.decode(errors='replace')!r})"
+            )
+            raise TypeError(msg)
+        return _Regex(mask)
     if isinstance(mask, (list, tuple)):
         return _combine_any([compile_mask(item) for item in mask])
     if callable(mask) and not isinstance(mask, type):
@@ -209,12 +227,12 @@ def compile_mask(mask: MaskLike) -> Mask:
 
 def _combine_any(masks: list[Mask]) -> Mask:
     # Merge every glob/regex into one alternation so string masks cost one match per key.
-    sources: list[str | re.Pattern[str]] = []
+    sources: list[str] = []
     others: list[Mask] = []
     for mask in masks:
         if isinstance(mask, _Everything):
             return mask
-        if isinstance(mask, _Regex):
+        if isinstance(mask, _Regex) and isinstance(mask._sources, list):
             sources.extend(mask._sources)
         elif isinstance(mask, _AnyOf):
             others.extend(mask._masks)

@@ -26,6 +26,8 @@ KeyLike: TypeAlias = "str | Sequence[str]"
 
 _TENSOR = attrgetter("tensor")
 _SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+_IS_CPU = attrgetter("is_cpu")
 
 
 class ModelState:
@@ -341,13 +343,14 @@ class ModelState:
         # per-key loops below run only to word an error.
         names = list(values)
         given = list(values.values())
+        all_tensors = all(map(isinstance, given, repeat(Tensor)))
+        if not all_tensors and any(isinstance(value, Mapping) for value in given):
+            self._gather(index, to_flat(values), dsts, srcs, keys, only)
+            return
         leaves = list(map(index.by_key.get, names))
         if None in leaves:
             _raise_unknown(index, names[leaves.index(None)], "update")
-        if not all(map(isinstance, given, repeat(Tensor))):
-            if any(isinstance(value, Mapping) for value in given):
-                self._gather(index, to_flat(values), dsts, srcs, keys, only)
-                return
+        if not all_tensors:
             key, value = next(
                 (k, v) for k, v in zip(names, given, strict=True) if not isinstance(v, Tensor)
             )
@@ -366,6 +369,23 @@ class ModelState:
                         f"  expected: {tuple(target.shape)}\n  got: {tuple(value.shape)}"
                     )
                     raise ValueError(msg)
+        if not all(map(_IS_CPU, given)):
+            for key, value in zip(names, given, strict=True):
+                if value.is_meta:
+                    msg = (
+                        f"update: the value for `{key}` is on the meta device and holds no data.\n"
+                        "  fix: materialise it first (e.g. load real values into it)"
+                    )
+                    raise ValueError(msg)
+        if any(dtype.is_complex for dtype in set(map(_DTYPE, given))):
+            for key, value, target in zip(names, given, targets, strict=True):
+                if value.is_complex() and not target.is_complex():
+                    msg = (
+                        f"update: the value for `{key}` is complex but the tensor is real.\n"
+                        f"  expected: {target.dtype}\n  got: {value.dtype}\n"
+                        "  fix: pass value.real (or .abs()) explicitly"
+                    )
+                    raise TypeError(msg)
         if only is None:
             dsts += targets
             srcs += given
@@ -515,7 +535,7 @@ def format_bytes(n: int) -> str:
     value = float(n)
     for unit in ("KB", "MB", "GB", "TB"):
         value /= 1000
-        if value < 1000 or unit == "TB":
+        if round(value, 2) < 1000 or unit == "TB":
             return f"{value:.2f} {unit}"
     raise AssertionError  # unreachable
 
@@ -549,11 +569,17 @@ def _dedupe(
             out_s.append(src)
         elif not _kernels.same_values(out_s[seen], src):
             other = next(k for k, d in zip(keys, dsts, strict=True) if d is dst)
-            msg = (
-                f"update: `{other}` and `{key}` are one tied tensor but were given "
-                "different values.\n"
-                "  fix: give one value (the source key is enough), or untie them first"
-            )
+            if other == key:
+                msg = (
+                    f"update: `{key}` is given in both arguments, with different values.\n"
+                    "  fix: give it once"
+                )
+            else:
+                msg = (
+                    f"update: `{other}` and `{key}` are one tied tensor but were given "
+                    "different values.\n"
+                    "  fix: give one value (the source key is enough), or untie them first"
+                )
             raise ValueError(msg)
     return out_d, out_s
 
