@@ -9,8 +9,11 @@
 ['2.bias', '2.weight']
 """
 
+from torch_modelstate import io as io
 from torch_modelstate import merges as merges
+from torch_modelstate._errors import CheckpointCorruptError as CheckpointCorruptError
 from torch_modelstate._errors import CheckpointError as CheckpointError
+from torch_modelstate._errors import CheckpointMismatchError as CheckpointMismatchError
 from torch_modelstate._masks import Mask as Mask
 from torch_modelstate._masks import MaskLike as MaskLike
 from torch_modelstate._masks import all_of as all_of
@@ -23,20 +26,27 @@ from torch_modelstate._paths import to_path as to_path
 from torch_modelstate._state import ModelState as ModelState
 from torch_modelstate._tie import register_transform as register_transform
 from torch_modelstate._tie import registered_transforms as registered_transforms
+from torch_modelstate.io import load as load
+from torch_modelstate.io import save as save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointMismatchError",
     "Mask",
     "MaskLike",
     "ModelState",
     "all_of",
     "any_of",
+    "io",
+    "load",
     "merges",
     "not_",
     "register_transform",
     "registered_transforms",
+    "save",
     "to_flat",
     "to_key",
     "to_nested",

@@ -12,3 +12,11 @@ class KeyNotFoundError(KeyError):
 
 class CheckpointError(ValueError):
     """A checkpoint file that is damaged, truncated or does not match the target."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A damaged checkpoint file: empty, truncated, or with a corrupted header or metadata."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A sound checkpoint that does not fit the target: keys, shapes, dtypes or ties differ."""

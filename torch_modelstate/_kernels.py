@@ -42,7 +42,8 @@ def _is_float(dtype: torch.dtype) -> bool:
 def _pairs_by_device_dtype(
     dsts: list[Tensor], srcs: list[Tensor]
 ) -> dict[_GroupKey, tuple[list[Tensor], list[Tensor]]]:
-    keys = list(zip(map(_DEVICE, dsts), map(_DTYPE, dsts), map(_DEVICE, srcs), map(_DTYPE, srcs)))
+    columns = (map(_DEVICE, dsts), map(_DTYPE, dsts), map(_DEVICE, srcs), map(_DTYPE, srcs))
+    keys = list(zip(*columns, strict=True))
     if len(set(keys)) == 1:  # the common case: one group, built without a Python loop
         return {keys[0]: (list(dsts), list(srcs))}
     groups: dict[_GroupKey, tuple[list[Tensor], list[Tensor]]] = {}
