@@ -420,6 +420,8 @@ def test_transform_tie_survives_to_empty() -> None:
         model = AutoEncoder()
     ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
     model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.enc.weight.copy_(torch.arange(12.0).reshape(3, 4))  # to_empty leaves garbage
     assert model.dec.weight.device == torch.device("cpu")
     assert torch.equal(model.dec.weight, model.enc.weight.t())
     assert ms.ties() == {"dec.weight": "enc.weight"}

@@ -49,8 +49,10 @@ def register_transform(name: str, fn: Transform, *, aliases: tuple[object, ...] 
     ``torch.t``); a tie made with any of them is saved under `name`. Names are unique.
 
     >>> import torch
-    >>> register_transform("negate", torch.neg)
-    >>> "negate" in registered_transforms()
+    >>> def flip_rows(t):
+    ...     return t.flip(0)
+    >>> register_transform("flip_rows", flip_rows)
+    >>> "flip_rows" in registered_transforms()
     True
     """
     if not isinstance(name, str) or not name:
@@ -169,7 +171,9 @@ def _tied_save(self: nn.Module, destination: dict[str, Any], prefix: str, keep_v
     base._save_to_state_dict(self, destination, prefix, keep_vars)
     for name, tie in transform_ties_of(self).items():
         value = tie.value()
-        destination[prefix + name] = value if keep_vars else value.detach()
+        # Materialised and contiguous: a state dict is a snapshot, and readers such as
+        # safetensors' save_model refuse non-contiguous views (a transpose is one).
+        destination[prefix + name] = value if keep_vars else value.detach().contiguous()
     # This module's keys are the newest entries: put them back in their order before the tie.
     own = list(islice(reversed(destination), len(destination) - start))[::-1]
     rank = {prefix + name: i for i, name in enumerate(self.__dict__.get(_ORDER, ()))}

@@ -1,0 +1,1104 @@
+"""Checkpoints: save and load round trips, ties, frozen sets, shards, atomic writes, bad files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import torch_modelstate as tms
+from torch_modelstate import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    ModelState,
+    _format,
+    _kernels,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def build(seed: int = 0, tie: bool = True) -> nn.ModuleDict:
+    """Linear pairs with a transpose tie, BatchNorm state, and an identity-tied embedding."""
+    torch.manual_seed(seed)
+    model = nn.ModuleDict(
+        {
+            "enc": nn.Linear(4, 2),
+            "dec": nn.Linear(2, 4),
+            "bn": nn.BatchNorm1d(3),
+            "emb": nn.Embedding(5, 4),
+            "head": nn.Linear(4, 5, bias=False),
+        }
+    )
+    with torch.no_grad():
+        model["bn"].running_mean.uniform_()
+        model["bn"].num_batches_tracked.fill_(7)
+    if tie:
+        model["head"].weight = model["emb"].weight
+        ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    return model
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_values(got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype, key
+        assert torch.equal(got[key], value), key
+
+
+def saved(
+    tmp_path: Path,
+    model: nn.Module | ModelState | Mapping[str, Tensor] | None = None,
+    name: str = "m.safetensors",
+) -> Path:
+    path = tmp_path / name
+    tms.save(build() if model is None else model, path)
+    return path
+
+
+def write_raw(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:
+    """A file with exactly this header (JSON-encoded unless bytes) and data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def header_of(path: Path) -> tuple[dict[str, object], bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_save_writes_a_plain_safetensors_file(tmp_path: Path) -> None:
+    """Any safetensors reader opens the file; its metadata has format pt and a versioned entry."""
+    path = saved(tmp_path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+    assert metadata["format"] == "pt"
+    entry = json.loads(metadata["torch_modelstate"])
+    assert entry["version"] == 1
+    assert keys == {
+        "enc.weight",
+        "enc.bias",
+        "dec.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+    } | {
+        "bn.running_var",
+        "bn.num_batches_tracked",
+        "emb.weight",
+    }
+
+
+def test_metadata_records_order_state_frozen_and_ties(tmp_path: Path) -> None:
+    """The entry lists every key in state_dict order, the state keys, frozen set and ties."""
+    model = build()
+    ModelState.new(model).freeze(["enc.bias", "bn.running_var"])
+    with safe_open(saved(tmp_path, model), framework="pt") as f:
+        entry = json.loads(f.metadata()["torch_modelstate"])
+    assert entry["keys"] == list(model.state_dict())
+    assert entry["state"] == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+    assert entry["frozen"] == ["enc.bias", "bn.running_var"]
+    assert entry["ties"] == {
+        "dec.weight": {"source": "enc.weight", "transform": "transpose"},
+        "head.weight": {"source": "emb.weight", "transform": None},
+    }
+
+
+def test_tied_data_is_stored_once_under_the_source_key(tmp_path: Path) -> None:
+    """Tie destinations hold no data in the file; the file is the size of the stored tensors."""
+    model = build()
+    path = saved(tmp_path, model)
+    header, data = header_of(path)
+    assert "head.weight" not in header and "dec.weight" not in header
+    stored = sum(t.numel() * t.element_size() for t in ModelState.new(model).to_dict().values())
+    assert len(data) == stored - 20 * 4 - 8 * 4  # minus head.weight (5x4) and dec.weight (4x2)
+
+
+def test_tensor_data_is_aligned_to_its_element_size(tmp_path: Path) -> None:
+    """Data offsets are multiples of each tensor's element size (8-byte header padding included)."""
+    tensors = {
+        "a": torch.ones(3, dtype=torch.int8),
+        "b": torch.ones(3, dtype=torch.float64),
+        "c": torch.ones(1),
+    }
+    path = saved(tmp_path, tensors)
+    header, _ = header_of(path)
+    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert n % 8 == 0
+    for key in tensors:
+        entry = header[key]
+        assert isinstance(entry, dict)
+        assert entry["data_offsets"][0] % tensors[key].element_size() == 0
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_load_without_into_returns_the_values_in_state_dict_order(tmp_path: Path) -> None:
+    """A standalone load holds every key of the saved model, tie destinations included."""
+    model = build()
+    loaded = tms.load(saved(tmp_path, model))
+    assert_values(loaded.to_dict(), snapshot(model))
+
+
+def test_load_into_keeps_parameter_identity_and_data_ptr(tmp_path: Path) -> None:
+    """Loading in place writes into the existing tensors; objects and storage stay the same."""
+    path = saved(tmp_path, build(seed=1))
+    target = build(seed=2)
+    before = {
+        k: (v, v.data_ptr())
+        for k, v in ModelState.new(target).to_dict().items()
+        if k != "dec.weight"
+    }
+    tms.load(path, into=target)
+    after = ModelState.new(target).to_dict()
+    for key, (tensor, ptr) in before.items():
+        assert after[key] is tensor and tensor.data_ptr() == ptr, key
+    assert_values(snapshot(target), snapshot(build(seed=1)))
+
+
+def test_load_into_returns_the_targets_model_state(tmp_path: Path) -> None:
+    """The returned ModelState views the target module."""
+    target = build(seed=2)
+    assert tms.load(saved(tmp_path), into=target).module is target
+
+
+def test_load_into_a_model_state_writes_in_place(tmp_path: Path) -> None:
+    """A ModelState target (here over a dict) is loaded into its own tensors."""
+    path = saved(tmp_path, {"w": torch.arange(4.0), "b": torch.ones(2)})
+    w = torch.zeros(4)
+    target = ModelState.new({"w": w, "b": torch.zeros(2)})
+    tms.load(path, into=target)
+    assert target.to_dict()["w"] is w and torch.equal(w, torch.arange(4.0))
+
+
+def test_identity_tie_round_trips_standalone(tmp_path: Path) -> None:
+    """The loaded state ties the destination to the source: one tensor for both keys."""
+    loaded = tms.load(saved(tmp_path))
+    assert loaded.ties()["head.weight"] == "emb.weight"
+    values = loaded.to_dict()
+    assert values["head.weight"] is values["emb.weight"]
+
+
+def test_identity_tie_is_made_in_an_untied_target(tmp_path: Path) -> None:
+    """Loading a tied checkpoint into an untied model ties it: one Parameter for both."""
+    target = build(seed=3, tie=False)
+    tms.load(saved(tmp_path), into=target, strict=True)
+    assert target["head"].weight is target["emb"].weight
+    assert torch.equal(target["emb"].weight, build()["emb"].weight)
+
+
+def test_transform_tie_round_trips_standalone(tmp_path: Path) -> None:
+    """A transpose tie is restored by name: the destination is computed from its source."""
+    loaded = tms.load(saved(tmp_path))
+    assert loaded.transforms() == {"dec.weight": "transpose"}
+    values = loaded.to_dict()
+    assert torch.equal(values["dec.weight"], values["enc.weight"].t())
+
+
+def test_transform_tie_is_made_in_an_untied_target(tmp_path: Path) -> None:
+    """Loading makes the transform tie in the target; the destination follows its source."""
+    target = build(seed=3, tie=False)
+    ms = tms.load(saved(tmp_path), into=target)
+    assert ms.transforms() == {"dec.weight": "transpose"}
+    with torch.no_grad():
+        target["enc"].weight.add_(1)
+    assert torch.equal(target["dec"].weight, target["enc"].weight.t())
+
+
+def test_transform_tie_already_in_the_target_is_kept(tmp_path: Path) -> None:
+    """A target with the same ties loads without re-tying; values arrive through the source."""
+    target = build(seed=3)
+    source = target["enc"].weight
+    tms.load(saved(tmp_path), into=target)
+    assert target["enc"].weight is source
+    assert torch.equal(target["dec"].weight, build()["enc"].weight.t())
+
+
+def test_frozen_parameters_and_buffers_round_trip_into_a_model(tmp_path: Path) -> None:
+    """Frozen flags of parameters (requires_grad) and buffers come back on load."""
+    model = build()
+    ModelState.new(model).freeze(["enc.**", "bn.running_mean"])
+    target = build(seed=4)
+    ms = tms.load(saved(tmp_path, model), into=target)
+    assert list(ms.frozen_parameters()) == ["enc.weight", "enc.bias"]
+    assert list(ms.frozen_state()) == ["bn.running_mean"]
+    assert not target["enc"].weight.requires_grad
+
+
+def test_loading_restores_exactly_the_saved_frozen_set(tmp_path: Path) -> None:
+    """Leaves frozen in the target but not in the file are unfrozen by the load."""
+    path = saved(tmp_path)
+    target = build(seed=4)
+    ModelState.new(target).freeze()
+    ms = tms.load(path, into=target)
+    assert ms.frozen_parameters() == {} and ms.frozen_state() == {}
+
+
+def test_frozen_set_round_trips_standalone(tmp_path: Path) -> None:
+    """A standalone load has the saved frozen parameters and state."""
+    model = build()
+    ModelState.new(model).freeze(["emb.weight", "bn.num_batches_tracked"])
+    loaded = tms.load(saved(tmp_path, model))
+    assert list(loaded.frozen_parameters()) == ["emb.weight"]
+    assert list(loaded.frozen_state()) == ["bn.num_batches_tracked"]
+
+
+def test_state_keys_round_trip_standalone(tmp_path: Path) -> None:
+    """Buffers come back as state, the rest as parameters."""
+    loaded = tms.load(saved(tmp_path))
+    assert list(loaded.state()) == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+    assert "bn.weight" in loaded.parameters()
+
+
+def test_standalone_state_round_trips_with_ties_and_frozen(tmp_path: Path) -> None:
+    """A dict-built ModelState keeps its ties, transforms and frozen set through a checkpoint."""
+    ms = ModelState.new({"a": torch.randn(2, 3), "b": torch.zeros(3, 2), "c": torch.randn(2, 3)})
+    ms.tie("b", "a", "transpose").tie("c", "a").freeze("a")
+    loaded = tms.load(saved(tmp_path, ms))
+    assert loaded.ties() == {"b": "a", "c": "a"} and loaded.transforms() == {"b": "transpose"}
+    assert list(loaded.frozen_parameters()) == ["a"]
+    assert_values(loaded.to_dict(), ms.to_dict())
+
+
+def test_a_tie_whose_destination_comes_first_keeps_its_direction(tmp_path: Path) -> None:
+    """An identity tie from an earlier key to a later one is restored the same way round."""
+    ms = ModelState.new({"a": torch.zeros(2), "b": torch.ones(2)}).tie("a", "b")
+    assert tms.load(saved(tmp_path, ms)).ties() == {"a": "b"}
+
+
+def test_unnamed_transform_tie_cannot_be_saved(tmp_path: Path) -> None:
+    """A tie with an unregistered callable is a ValueError naming the tie; no file is written."""
+    ms = ModelState.new({"a": torch.randn(2, 3), "b": torch.zeros(3, 2)}).tie(
+        "b", "a", lambda t: t.t()
+    )
+    with pytest.raises(
+        ValueError, match=r"tie `b` <- `a` uses a transform with no registered name"
+    ):
+        tms.save(ms, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_contiguous_tensors_are_saved(tmp_path: Path) -> None:
+    """Transposed and strided tensors are written as their values, not refused."""
+    base = torch.arange(24.0).reshape(4, 6)
+    tensors = {
+        "t": base.t(),
+        "s": base[:, ::2],
+        "c": torch.randn(3, 2, dtype=torch.complex64).conj(),
+    }
+    loaded = tms.load(saved(tmp_path, tensors)).to_dict()
+    assert_values(loaded, {k: v.resolve_conj().contiguous() for k, v in tensors.items()})
+
+
+def test_non_contiguous_parameter_is_saved_and_loaded_in_place(tmp_path: Path) -> None:
+    """A parameter stored transposed in memory round-trips into the same strided tensor."""
+    model = nn.Linear(3, 4)
+    model.weight = nn.Parameter(torch.randn(3, 4).t())
+    path = saved(tmp_path, model)
+    target = nn.Linear(3, 4)
+    target.weight = nn.Parameter(torch.zeros(3, 4).t())
+    weight = target.weight
+    tms.load(path, into=target)
+    assert target.weight is weight and torch.equal(weight, model.weight)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int64,
+        torch.bool,
+        torch.complex64,
+        torch.float8_e4m3fn,
+        torch.uint32,
+    ],
+)
+def test_dtypes_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Each dtype safetensors stores comes back bit for bit."""
+    value = torch.randint(0, 2, (3, 5)).to(dtype)
+    assert_values(tms.load(saved(tmp_path, {"x": value})).to_dict(), {"x": value})
+
+
+def test_scalars_and_empty_tensors_round_trip(tmp_path: Path) -> None:
+    """0-d and zero-element tensors are stored with their shapes."""
+    tensors = {"s": torch.tensor(3.5), "e": torch.zeros(0, 4), "n": torch.ones(2)}
+    assert_values(tms.load(saved(tmp_path, tensors)).to_dict(), tensors)
+
+
+def test_unsupported_dtype_is_a_value_error(tmp_path: Path) -> None:
+    """complex128 has no safetensors code: the error names the key and the fix."""
+    with pytest.raises(ValueError, match=r"(?s)`z` has dtype torch.complex128.*fix: convert"):
+        tms.save({"z": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "z.safetensors")
+
+
+def test_meta_tensors_cannot_be_saved(tmp_path: Path) -> None:
+    """A model on the meta device has no data to save."""
+    with pytest.raises(ValueError, match=r"`weight` is on the meta device"):
+        tms.save(nn.Linear(2, 2, device="meta"), tmp_path / "m.safetensors")
+
+
+def test_save_into_an_existing_directory_writes_model_safetensors(tmp_path: Path) -> None:
+    """A directory as `path` receives model.safetensors, and loads back as a directory."""
+    tms.save(build(), tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert_values(tms.load(tmp_path).to_dict(), snapshot(build()))
+
+
+def test_save_to_a_missing_directory_is_file_not_found(tmp_path: Path) -> None:
+    """The parent directory of a single file must exist."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tms.save(build(), tmp_path / "nope" / "m.safetensors")
+
+
+def test_load_casts_within_a_dtype_kind(tmp_path: Path) -> None:
+    """A bfloat16 checkpoint loads into a float32 model, cast as `update` casts."""
+    value = torch.randn(4, 3).bfloat16()
+    path = saved(tmp_path, {"weight": value, "bias": torch.ones(4, dtype=torch.bfloat16)})
+    target = nn.Linear(3, 4)
+    assert tms.io.check(path, target).cast == ("weight", "bias")
+    tms.load(path, into=target)
+    assert target.weight.dtype == torch.float32 and torch.equal(target.weight, value.float())
+
+
+def test_load_refuses_a_dtype_of_another_kind(tmp_path: Path) -> None:
+    """A float value for an integer buffer is a mismatch; the target is untouched."""
+    model = build()
+    state = snapshot(model)
+    state["bn.num_batches_tracked"] = state["bn.num_batches_tracked"].float()
+    state.pop("head.weight")
+    state.pop("dec.weight")
+    save_file(state, tmp_path / "f.safetensors")
+    target = build(seed=5)
+    before = snapshot(target)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"floating value cannot load into a integer tensor"
+    ):
+        tms.load(tmp_path / "f.safetensors", into=target)
+    assert_values(snapshot(target), before)
+
+
+def test_load_into_a_non_module_is_a_type_error(tmp_path: Path) -> None:
+    """`into` must be a module or a ModelState."""
+    with pytest.raises(TypeError, match=r"`into` must be an nn.Module or a ModelState"):
+        tms.load(saved(tmp_path), into={"w": torch.zeros(2)})  # type: ignore[arg-type]
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["a", "b.c", "b.d", "e.f.g"]),
+        st.tuples(
+            st.lists(st.integers(0, 3), max_size=3),
+            st.sampled_from([torch.float32, torch.int64, torch.bfloat16]),
+        ),
+    )
+)
+def test_round_trip_law(spec: dict[str, tuple[list[int], torch.dtype]]) -> None:
+    """load(save(x)) has x's keys, shapes, dtypes and values, for any dict of tensors."""
+    import tempfile
+
+    tensors = {k: torch.randint(-5, 5, shape).to(dtype) for k, (shape, dtype) in spec.items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "x.safetensors"
+        tms.save(tensors, path)
+        assert_values(tms.load(path).to_dict(), tensors)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("1GiB", 2**30),
+        ("64KiB", 65536),
+        ("1.5kB", 1500),
+        (123, 123),
+    ],
+)
+def test_max_shard_size_parses_units(size: int | str, expected: int) -> None:
+    """Decimal units are powers of 1000, binary units powers of 1024."""
+    assert _format.parse_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["5 parsecs", "GB", "-1MB", "0", 0])
+def test_max_shard_size_rejects_non_sizes(size: int | str) -> None:
+    """A size must be positive, with a known unit."""
+    with pytest.raises(ValueError, match="max_shard_size"):
+        _format.parse_size(size)
+
+
+def test_max_shard_size_of_a_wrong_type_is_a_type_error() -> None:
+    """Only ints and strings are sizes."""
+    with pytest.raises(TypeError, match="max_shard_size"):
+        _format.parse_size(1.5)  # type: ignore[arg-type]
+
+
+def test_sharded_save_writes_the_common_layout(tmp_path: Path) -> None:
+    """Several shards named model-0000i-of-0000N, an index with total_size and a weight_map."""
+    model = build()
+    tms.save(model, tmp_path / "ckpt", max_shard_size=50)
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    n = len(names) - 1
+    assert n > 2
+    assert names[:-1] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    stored = {
+        k: v
+        for k, v in ModelState.new(model).to_dict().items()
+        if k not in ("head.weight", "dec.weight")
+    }
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in stored.values()
+    )
+    assert list(index["weight_map"]) == list(stored)
+    for name in names[:-1]:
+        with safe_open(tmp_path / "ckpt" / name, framework="pt") as f:
+            assert f.metadata()["format"] == "pt"
+            assert {k for k, v in index["weight_map"].items() if v == name} == set(f.keys())
+
+
+def test_shards_respect_the_size_limit(tmp_path: Path) -> None:
+    """Each shard holds at most max_shard_size bytes of data, unless one tensor is larger."""
+    tensors = {f"t{i}": torch.zeros(10) for i in range(10)} | {"big": torch.zeros(100)}
+    tms.save(tensors, tmp_path, max_shard_size=120)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for name in set(index["weight_map"].values()):
+        _, data = header_of(tmp_path / name)
+        keys = [k for k, v in index["weight_map"].items() if v == name]
+        assert len(data) <= 120 or keys == ["big"]
+
+
+def test_sharded_checkpoint_round_trips_from_the_directory_or_the_index(tmp_path: Path) -> None:
+    """A directory and its index path both load, standalone and in place."""
+    model = build()
+    ModelState.new(model).freeze("bn.**")
+    tms.save(model, tmp_path, max_shard_size="100B")
+    assert_values(tms.load(tmp_path).to_dict(), snapshot(model))
+    target = build(seed=9, tie=False)
+    ms = tms.load(tmp_path / "model.safetensors.index.json", into=target)
+    assert_values(snapshot(target), snapshot(model))
+    assert ms.ties() == {"dec.weight": "enc.weight", "head.weight": "emb.weight"}
+    assert list(ms.frozen_state()) == [
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+    ]
+
+
+def test_sharded_save_that_fits_one_shard_writes_model_safetensors(tmp_path: Path) -> None:
+    """Everything under the limit: a single model.safetensors and no index, as transformers does."""
+    tms.save(build(), tmp_path / "d", max_shard_size="5GB")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["model.safetensors"]
+
+
+def test_sharded_save_replaces_the_previous_checkpoint(tmp_path: Path) -> None:
+    """Stale shards and a stale single file of an earlier save are removed."""
+    tms.save(build(), tmp_path, max_shard_size=50)
+    tms.save(build(), tmp_path, max_shard_size=100)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = {p.name for p in tmp_path.glob("model-*.safetensors")}
+    assert shards == set(index["weight_map"].values())
+    tms.save(build(), tmp_path, max_shard_size="1MB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_sharded_path_must_be_a_directory(tmp_path: Path) -> None:
+    """With max_shard_size, a file name as `path` is refused with the fix."""
+    with pytest.raises(ValueError, match=r"(?s)`path` is the directory.*fix: pass a directory"):
+        tms.save(build(), tmp_path / "m.safetensors", max_shard_size=100)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_a_failing_save_leaves_no_file_under_the_final_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that fails midway removes its temporary file and creates nothing."""
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(_kernels, "copy_", fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        tms.save({"t": torch.arange(6.0).reshape(2, 3).t()}, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old file stays, byte for byte, when overwriting it fails."""
+    path = saved(tmp_path, {"t": torch.ones(3, 2)})
+    before = path.read_bytes()
+    monkeypatch.setattr(_kernels, "copy_", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        tms.save({"t": torch.zeros(2, 3).t()}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_a_failing_sharded_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure in a later shard leaves the earlier checkpoint loadable and no temporary files."""
+    tms.save(build(), tmp_path, max_shard_size=100)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = [0]
+    write = _format._write_file
+
+    def flaky(*args: object, **kwargs: object) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("no space left on device")
+        write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_format, "_write_file", flaky)
+    with pytest.raises(OSError, match="no space"):
+        tms.save(build(seed=3), tmp_path, max_shard_size=100)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert_values(tms.load(tmp_path).to_dict(), snapshot(build()))
+
+
+def test_save_uses_a_temporary_name_then_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data goes to a hidden temporary file in the target directory, renamed at the end."""
+    renames: list[tuple[str, str]] = []
+    replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        renames.append((Path(src).name, Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    saved(tmp_path)
+    [(src, dst)] = renames
+    assert src.startswith(".m.safetensors.") and src.endswith(".tmp") and dst == "m.safetensors"
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def load_fails(path: Path, error: type[Exception], match: str) -> None:
+    """Loading `path` into a model raises `error` and leaves the model as it was."""
+    target = build(seed=11)
+    before = snapshot(target)
+    grads = {k: p.requires_grad for k, p in target.named_parameters()}
+    with pytest.raises(error, match=match):
+        tms.load(path, into=target)
+    assert_values(snapshot(target), before)
+    assert {k: p.requires_grad for k, p in target.named_parameters()} == grads
+    assert ModelState.new(target).ties() == {
+        "head.weight": "emb.weight",
+        "dec.weight": "enc.weight",
+    }
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    """A zero-byte file is named as empty."""
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(b"")
+    load_fails(path, CheckpointCorruptError, r"e.safetensors: the file is empty")
+
+
+def test_file_shorter_than_the_header_length(tmp_path: Path) -> None:
+    """Fewer than 8 bytes cannot even hold the header length."""
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(b"\x10\x00\x00")
+    load_fails(path, CheckpointCorruptError, r"truncated: 3 bytes")
+
+
+def test_truncated_data(tmp_path: Path) -> None:
+    """A file cut inside its tensor data is truncated, and says how much is missing."""
+    path = saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    load_fails(
+        path,
+        CheckpointCorruptError,
+        r"m.safetensors: the file is truncated: the header describes \d+ bytes",
+    )
+
+
+def test_truncated_header(tmp_path: Path) -> None:
+    """A file cut inside its header: the header length runs past the end."""
+    path = saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    load_fails(
+        path,
+        CheckpointCorruptError,
+        r"header length field says \d+ bytes, but only 92 bytes follow",
+    )
+
+
+def test_header_length_that_lies(tmp_path: Path) -> None:
+    """A length field larger than the file is caught before reading."""
+    path = write_raw(tmp_path / "l.safetensors", {}, length=10**12)
+    load_fails(path, CheckpointCorruptError, r"header length field says 1000000000000 bytes")
+
+
+def test_corrupted_header_bytes(tmp_path: Path) -> None:
+    """Garbage in the header is not valid JSON."""
+    path = saved(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[8:20] = b"\xff" * 12
+    path.write_bytes(bytes(raw))
+    load_fails(path, CheckpointCorruptError, r"the header is not valid JSON")
+
+
+def test_header_that_is_not_an_object(tmp_path: Path) -> None:
+    """A JSON list is not a safetensors header."""
+    load_fails(
+        write_raw(tmp_path / "h.safetensors", [1, 2]), CheckpointCorruptError, r"not an object"
+    )
+
+
+def test_trailing_bytes_after_the_data(tmp_path: Path) -> None:
+    """Bytes the header does not describe are a corrupted file."""
+    path = saved(tmp_path)
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    load_fails(path, CheckpointCorruptError, r"8 bytes follow the last tensor's data")
+
+
+def test_gap_between_tensors(tmp_path: Path) -> None:
+    """Offsets that leave a hole in the data are refused."""
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+    }
+    path = write_raw(tmp_path / "g.safetensors", header, b"\0" * 12)
+    load_fails(path, CheckpointCorruptError, r"tensor `b` starts at data byte 8, expected 4")
+
+
+def test_size_that_does_not_match_the_shape(tmp_path: Path) -> None:
+    """A tensor whose offsets span a different size than its shape needs."""
+    header = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
+    path = write_raw(tmp_path / "z.safetensors", header, b"\0" * 8)
+    load_fails(path, CheckpointCorruptError, r"needs 12 bytes, but its data_offsets span 8")
+
+
+def test_unknown_dtype_code(tmp_path: Path) -> None:
+    """A dtype code outside the format is named."""
+    header = {"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}
+    path = write_raw(tmp_path / "d.safetensors", header, b"\0" * 16)
+    load_fails(path, CheckpointCorruptError, r"tensor `a` has the unsupported dtype 'F128'")
+
+
+def test_duplicate_tensor_names(tmp_path: Path) -> None:
+    """A header naming a tensor twice is corrupted (JSON would keep the last silently)."""
+    entry = b'{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}'
+    raw = b'{"a":' + entry % (0, 4) + b',"a":' + entry % (4, 8) + b"}"
+    path = write_raw(tmp_path / "d.safetensors", raw, b"\0" * 8)
+    load_fails(path, CheckpointCorruptError, r"appears twice")
+
+
+def test_shape_mismatch_with_the_target(tmp_path: Path) -> None:
+    """A checkpoint of another width names the key, the target's and the file's shapes."""
+    other = nn.ModuleDict({"enc": nn.Linear(4, 3)})
+    path = saved(tmp_path, other)
+    target = nn.ModuleDict({"enc": nn.Linear(4, 2)})
+    before = snapshot(target)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"shape mismatch for `enc.weight`.*\n.*\(2, 4\)\n.*\(3, 4\)"
+    ):
+        tms.load(path, into=target)
+    assert_values(snapshot(target), before)
+
+
+def test_missing_keys_are_an_error_by_default(tmp_path: Path) -> None:
+    """A file without some of the target's keys raises and names them."""
+    state = {
+        k: v
+        for k, v in snapshot(build()).items()
+        if k not in ("bn.weight", "head.weight", "dec.weight")
+    }
+    save_file(state, tmp_path / "p.safetensors")
+    load_fails(
+        tmp_path / "p.safetensors",
+        CheckpointMismatchError,
+        r"1 missing from the file.*\n.*bn.weight",
+    )
+
+
+def test_unexpected_keys_are_an_error_by_default(tmp_path: Path) -> None:
+    """A file with keys the target lacks raises and names them."""
+    state = {k: v for k, v in snapshot(build()).items() if k not in ("head.weight", "dec.weight")}
+    save_file({**state, "extra.weight": torch.zeros(1)}, tmp_path / "u.safetensors")
+    load_fails(
+        tmp_path / "u.safetensors",
+        CheckpointMismatchError,
+        r"1 not in the target.*\n.*extra.weight",
+    )
+
+
+def test_strict_false_loads_the_common_keys_and_reports_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Missing keys keep their values, unexpected ones are ignored, both are logged."""
+    source = build()
+    state = {
+        k: v
+        for k, v in snapshot(source).items()
+        if k not in ("bn.weight", "head.weight", "dec.weight")
+    }
+    save_file({**state, "extra": torch.zeros(1)}, tmp_path / "p.safetensors")
+    target = build(seed=12)
+    bn_weight = target["bn"].weight.detach().clone()
+    report = tms.io.check(tmp_path / "p.safetensors", target, strict=False)
+    assert report.missing == ("bn.weight",) and report.unexpected == ("extra",)
+    with caplog.at_level(logging.WARNING, logger="torch_modelstate"):
+        tms.load(tmp_path / "p.safetensors", into=target, strict=False)
+    assert "bn.weight" in caplog.text and "extra" in caplog.text
+    assert torch.equal(target["bn"].weight, bn_weight)
+    assert torch.equal(target["enc"].weight, source["enc"].weight)
+
+
+def test_strict_false_still_checks_shapes(tmp_path: Path) -> None:
+    """Relaxing keys does not relax shapes."""
+    path = saved(tmp_path, {"weight": torch.zeros(3, 3)})
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch for `weight`"):
+        tms.load(path, into=nn.Linear(2, 2), strict=False)
+
+
+def test_malformed_metadata_json(tmp_path: Path) -> None:
+    """A torch_modelstate entry that is not JSON is a clear error, and nothing is evaluated."""
+    state = {k: v for k, v in snapshot(build()).items() if k not in ("head.weight", "dec.weight")}
+    save_file(
+        state,
+        tmp_path / "j.safetensors",
+        metadata={"format": "pt", "torch_modelstate": "__import__('os')"},
+    )
+    load_fails(
+        tmp_path / "j.safetensors",
+        CheckpointCorruptError,
+        r"`torch_modelstate` metadata entry is malformed",
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ([], "expected a JSON object"),
+        ({"keys": []}, "positive integer `version`"),
+        (
+            {"version": 1, "keys": "a", "state": [], "frozen": [], "ties": {}},
+            "`keys` must be a list",
+        ),
+        (
+            {"version": 1, "keys": ["w"], "state": [], "frozen": [], "ties": []},
+            "`ties` must be an object",
+        ),
+        (
+            {
+                "version": 1,
+                "keys": ["w", "v"],
+                "state": [],
+                "frozen": [],
+                "ties": {"v": {"src": "w"}},
+            },
+            "the tie `v`",
+        ),
+        (
+            {
+                "version": 1,
+                "keys": ["w", "v"],
+                "state": [],
+                "frozen": [],
+                "ties": {"v": {"source": "x"}},
+            },
+            "source `x`",
+        ),
+        (
+            {"version": 1, "keys": ["x"], "state": [], "frozen": [], "ties": {}},
+            "does not list the stored",
+        ),
+        (
+            {"version": 1, "keys": ["w"], "state": [], "frozen": ["q"], "ties": {}},
+            "`frozen` lists `q`",
+        ),
+    ],
+)
+def test_metadata_entry_with_a_wrong_schema(tmp_path: Path, entry: object, problem: str) -> None:
+    """Each field of the entry is checked; the message says which."""
+    path = tmp_path / "s.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"torch_modelstate": json.dumps(entry)})
+    with pytest.raises(CheckpointCorruptError, match=problem):
+        tms.load(path)
+
+
+def test_metadata_from_a_newer_version(tmp_path: Path) -> None:
+    """A future metadata version asks to upgrade."""
+    entry = {"version": 2, "keys": ["w"], "state": [], "frozen": [], "ties": {}}
+    save_file(
+        {"w": torch.zeros(2)},
+        tmp_path / "n.safetensors",
+        metadata={"torch_modelstate": json.dumps(entry)},
+    )
+    with pytest.raises(CheckpointError, match=r"newer torch_modelstate.*\n.*upgrade"):
+        tms.load(tmp_path / "n.safetensors")
+
+
+def test_unknown_transform_name(tmp_path: Path) -> None:
+    """A tie whose transform is not registered here is an error, and the target is untouched."""
+    path = saved(tmp_path)
+    header, data = header_of(path)
+    metadata = header["__metadata__"]
+    assert isinstance(metadata, dict)
+    metadata["torch_modelstate"] = metadata["torch_modelstate"].replace(
+        '"transpose"', '"os.system"'
+    )
+    write_raw(path, header, data)
+    load_fails(
+        path,
+        CheckpointError,
+        r"transform 'os.system', which is not registered here.*\n.*\n.*register_transform",
+    )
+    with pytest.raises(CheckpointError, match="not registered"):
+        tms.load(path)
+
+
+@given(st.integers(min_value=0, max_value=10**6))
+def test_truncation_law(cut: int) -> None:
+    """A valid checkpoint cut at any length raises CheckpointError; the target is untouched."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.safetensors"
+        tms.save(build(), path)
+        raw = path.read_bytes()
+        path.write_bytes(raw[: cut % len(raw)])
+        target = build(seed=13)
+        before = snapshot(target)
+        with pytest.raises(CheckpointError):
+            tms.load(path, into=target)
+        assert_values(snapshot(target), before)
+
+
+# --------------------------------------------------------------------------- paths and indexes
+
+
+def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    """A path that does not exist is FileNotFoundError, not a CheckpointError."""
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at `.*nope.safetensors`"):
+        tms.load(tmp_path / "nope.safetensors")
+
+
+def test_directory_without_a_checkpoint_is_file_not_found(tmp_path: Path) -> None:
+    """A directory must hold model.safetensors or an index; pickles are never read."""
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=r"expected `model.safetensors`.*never read"):
+        tms.load(tmp_path)
+
+
+def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
+    """A shard the index names but the directory lacks is FileNotFoundError naming it."""
+    tms.save(build(), tmp_path, max_shard_size=50)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"names the shard `{shard.name}`, which does not"):
+        tms.load(tmp_path)
+
+
+def test_index_that_is_not_json(tmp_path: Path) -> None:
+    """A corrupted index is a CheckpointCorruptError naming it."""
+    (tmp_path / "model.safetensors.index.json").write_text("{weight_map")
+    load_fails(
+        tmp_path,
+        CheckpointCorruptError,
+        r"model.safetensors.index.json: the index is not valid JSON",
+    )
+
+
+def test_index_pointing_outside_its_directory(tmp_path: Path) -> None:
+    """Shard names are plain file names; a path escaping the directory is refused."""
+    index = {"weight_map": {"w": "../other.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointCorruptError, match=r"expected the name of a shard file"):
+        tms.load(tmp_path)
+
+
+def test_index_that_disagrees_with_a_shard(tmp_path: Path) -> None:
+    """A key the index maps to a shard that lacks it is refused before any write."""
+    tms.save(build(), tmp_path, max_shard_size=50)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last = sorted(tmp_path.glob("model-*.safetensors"))[-1].name
+    index["weight_map"]["enc.weight"] = last
+    index_path.write_text(json.dumps(index))
+    load_fails(
+        tmp_path, CheckpointCorruptError, rf"maps `enc.weight` to `{last}`, which has no such"
+    )
+
+
+def test_shards_from_different_saves(tmp_path: Path) -> None:
+    """Shards whose torch_modelstate entries differ are detected."""
+    tms.save(build(), tmp_path / "a", max_shard_size=50)
+    model = build()
+    ModelState.new(model).freeze("enc.bias")
+    tms.save(model, tmp_path / "b", max_shard_size=50)
+    name = sorted((tmp_path / "a").glob("model-*.safetensors"))[1].name
+    (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    load_fails(tmp_path / "a", CheckpointCorruptError, r"the shards come from different saves")
+
+
+def test_directory_with_both_layouts_is_ambiguous(tmp_path: Path) -> None:
+    """model.safetensors next to an index is refused rather than guessed."""
+    tms.save(build(), tmp_path / "single.safetensors")
+    tms.save(build(), tmp_path, max_shard_size=100)
+    (tmp_path / "single.safetensors").rename(tmp_path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"both `model.safetensors` and `model.safetensors.index.json`"
+    ):
+        tms.load(tmp_path)
+
+
+# --------------------------------------------------------------------------- ties vs. the target
+
+
+def test_tie_that_conflicts_with_the_targets_tie(tmp_path: Path) -> None:
+    """The file ties a key the target ties to another source: a mismatch, target untouched."""
+    ms = ModelState.new({"a": torch.ones(2), "b": torch.zeros(2), "c": torch.ones(2)}).tie("c", "a")
+    path = saved(tmp_path, ms)
+    target = ModelState.new({"a": torch.ones(2), "b": torch.zeros(2), "c": torch.zeros(2)}).tie(
+        "c", "b"
+    )
+    with pytest.raises(
+        CheckpointMismatchError, match=r"ties `c` to `a`, but the target ties it to `b`"
+    ):
+        tms.load(path, into=target)
+    assert target.ties() == {"c": "b"}
+
+
+def test_tie_that_does_not_fit_the_target(tmp_path: Path) -> None:
+    """A transform tie whose result has the wrong shape in the target is refused before writing."""
+    ms = ModelState.new({"a": torch.ones(2, 3), "b": torch.zeros(3, 2)}).tie("b", "a", "transpose")
+    path = saved(tmp_path, ms)
+    target = ModelState.new({"a": torch.ones(2, 3), "b": torch.zeros(2, 3)})
+    with pytest.raises(
+        CheckpointMismatchError, match=r"ties `b` to transpose\(`a`\), which does not fit"
+    ):
+        tms.load(path, into=target)
+    assert target.ties() == {} and torch.equal(target.to_dict()["a"], torch.ones(2, 3))
+
+
+def test_file_values_that_disagree_for_a_tied_target(tmp_path: Path) -> None:
+    """Two stored keys that are one tensor in the target must hold equal values."""
+    untied = build(tie=False)
+    ModelState.new(untied).tie("dec.weight", "enc.weight", "transpose")
+    path = saved(tmp_path, untied)
+    load_fails(
+        path, CheckpointMismatchError, r"`emb.weight` and `head.weight` hold different values"
+    )
+
+
+def test_file_values_that_agree_for_a_tied_target_load(tmp_path: Path) -> None:
+    """Equal values under both keys of a tied tensor load fine."""
+    untied = build(tie=False)
+    with torch.no_grad():
+        untied["head"].weight.copy_(untied["emb"].weight)
+    ModelState.new(untied).tie("dec.weight", "enc.weight", "transpose")
+    target = build(seed=14)
+    tms.load(saved(tmp_path, untied), into=target)
+    assert target["head"].weight is target["emb"].weight
+    assert torch.equal(target["emb"].weight, untied["emb"].weight)
+
+
+def test_load_into_a_meta_model_is_refused(tmp_path: Path) -> None:
+    """Meta tensors have no memory to load into; the fix says how to materialize."""
+    with pytest.raises(CheckpointMismatchError, match=r"meta device.*\n.*to_empty"):
+        tms.load(saved(tmp_path, nn.Linear(2, 2)), into=nn.Linear(2, 2, device="meta"))
+
+
+def test_check_changes_nothing(tmp_path: Path) -> None:
+    """`check` reports what a load would do without doing it."""
+    target = build(seed=15, tie=False)
+    before = snapshot(target)
+    report = tms.io.check(saved(tmp_path), target)
+    assert set(report.ties) == {"dec.weight", "head.weight"} and report.missing == ()
+    assert ModelState.new(target).ties() == {}
+    assert_values(snapshot(target), before)
+
+
+def test_load_into_bumps_the_version_counter(tmp_path: Path) -> None:
+    """In-place reads count as in-place writes for autograd, as copy_ does."""
+    target = nn.Linear(2, 2)
+    version = target.weight._version
+    tms.load(saved(tmp_path, nn.Linear(2, 2)), into=target)
+    assert target.weight._version > version
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_large_loads_read_in_parallel_in_place(tmp_path: Path) -> None:
+    """Tensors above the threading threshold are read by several threads into the target."""
+    source = {"a": torch.randn(3_000_000), "b": torch.randn(2_000, 1_500), "c": torch.arange(7.0)}
+    path = saved(tmp_path, source)
+    target = ModelState.new({k: torch.zeros_like(v) for k, v in source.items()})
+    a = target.to_dict()["a"]
+    tms.load(path, into=target)
+    assert target.to_dict()["a"] is a
+    assert_values(target.to_dict(), source)
+    assert_values(tms.load(path).to_dict(), source)
+
+
+def test_a_file_that_shrinks_after_opening_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that comes back short (the file changed under us) is a CheckpointCorruptError."""
+    path = saved(tmp_path, {"a": torch.randn(3_000_000), "b": torch.randn(3_000_000)})
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: 0)
+    with pytest.raises(CheckpointCorruptError, match=r"the file ended while reading tensor `a`"):
+        tms.load(path)
+
+
+def test_staged_loads_copy_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values that need a cast are staged a few at a time and all arrive."""
+    source = {f"t{i}": torch.randn(4, 4, dtype=torch.float64) for i in range(10)}
+    path = saved(tmp_path, source)
+    monkeypatch.setattr(tms.io, "_BUDGET", 300)
+    target = ModelState.new({k: torch.zeros(4, 4) for k in source})
+    assert len(tms.io.check(path, target).cast) == 10
+    tms.load(path, into=target)
+    assert_values(target.to_dict(), {k: v.float() for k, v in source.items()})
+
+
+def test_saves_copy_non_contiguous_tensors_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors that need a copy to be written are copied a few at a time."""
+    source = {f"t{i}": torch.randn(5, 3).t() for i in range(10)}
+    monkeypatch.setattr(tms.io, "_BUDGET", 150)
+    assert_values(
+        tms.load(saved(tmp_path, source)).to_dict(), {k: v.contiguous() for k, v in source.items()}
+    )
