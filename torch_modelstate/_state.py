@@ -25,7 +25,8 @@ MergeFn: TypeAlias = Callable[[list[str], Tensor, Tensor], Tensor]
 KeyLike: TypeAlias = "str | Sequence[str]"
 
 _TENSOR = attrgetter("tensor")
-_SHAPE = attrgetter("shape")
+# One C call per pair, where comparing `.shape`s would build two torch.Size objects.
+_SAME_SIZE = Tensor.is_same_size
 _DTYPE = attrgetter("dtype")
 _IS_CPU = attrgetter("is_cpu")
 
@@ -361,7 +362,7 @@ class ModelState:
             )
             raise TypeError(msg)
         targets: list[Tensor] = list(map(_TENSOR, leaves))
-        if list(map(_SHAPE, given)) != list(map(_SHAPE, targets)):
+        if not all(map(_SAME_SIZE, given, targets)):
             for key, value, target in zip(names, given, targets, strict=True):
                 if value.shape != target.shape:
                     msg = (
@@ -433,7 +434,7 @@ class ModelState:
             leaves = index.leaves
             rhs_list = list(map(_TENSOR, found))
         lhs_list: list[Tensor] = list(map(_TENSOR, leaves))
-        if list(map(_SHAPE, lhs_list)) != list(map(_SHAPE, rhs_list)):
+        if not all(map(_SAME_SIZE, lhs_list, rhs_list)):
             for leaf, value in zip(leaves, rhs_list, strict=True):
                 if value.shape != leaf.tensor.shape:
                     msg = (
