@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_gpt2
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
@@ -108,20 +109,7 @@ def test_plain_state_dict_file_loads_standalone_as_parameters(tmp_path: Path) ->
 # --------------------------------------------------------------------------- transformers
 
 
-def gpt2(seed: int = 0) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model: nn.Module = transformers.GPT2LMHeadModel(config)
-    return model
+gpt2 = tiny_gpt2
 
 
 def quiet_transformers() -> None:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from models import tiny_gpt2
 
 from torch_modelstate import ModelState, merges
 
@@ -15,20 +16,7 @@ WTE = "transformer.wte.weight"
 HEAD = "lm_head.weight"
 
 
-def gpt2(seed: int = 0) -> torch.nn.Module:
-    """A two-block GPT-2 whose output projection is tied to its token embedding."""
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(seed)
-    model: torch.nn.Module = transformers.GPT2LMHeadModel(config)
-    return model
+gpt2 = tiny_gpt2
 
 
 def tokens(seed: int) -> torch.Tensor:
