@@ -1102,3 +1102,37 @@ def test_saves_copy_non_contiguous_tensors_in_batches(
     assert_values(
         tms.load(saved(tmp_path, source)).to_dict(), {k: v.contiguous() for k, v in source.items()}
     )
+
+
+def test_load_into_an_expanded_buffer_is_refused_before_writing(tmp_path: Path) -> None:
+    """A target buffer whose elements share memory cannot be loaded into; nothing written."""
+
+    class Expanded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.register_buffer("pos", torch.zeros(1).expand(4))
+
+    path = tmp_path / "m.safetensors"
+    tms.save(Expanded(), path)
+    target = Expanded()
+    before = target.fc.weight.detach().clone()
+    with pytest.raises(CheckpointMismatchError, match="share memory"):
+        tms.load(path, into=target)
+    assert torch.equal(target.fc.weight, before)
+
+
+def test_save_to_a_new_directory_named_with_a_slash(tmp_path: Path) -> None:
+    """`save(m, "new/")` creates the directory and writes model.safetensors in it."""
+    tms.save(nn.Linear(2, 2), f"{tmp_path}/new/")
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+
+
+def test_a_dimension_too_large_is_a_corrupt_file(tmp_path: Path) -> None:
+    """A header dimension of 2**63 or more is a CheckpointCorruptError naming the file."""
+    header = b'{"w":{"dtype":"F32","shape":[0,1180591620717411303424],"data_offsets":[0,0]}}'
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "z.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointCorruptError, match=r"z\.safetensors"):
+        tms.load(path)

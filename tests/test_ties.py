@@ -1186,3 +1186,33 @@ def test_standalone_merge_applies_once() -> None:
     torch.testing.assert_close(after["up"], 2.0 * before["up"])
     torch.testing.assert_close(after["down"], 2.0 * before["up"].t())
     assert after["b"] is after["a"]
+
+
+def test_update_accepts_a_state_dict_of_a_transform_tied_model() -> None:
+    """`ms.update(model.state_dict())` works: the computed value agrees and is skipped."""
+    model, ms = tied_autoencoder()
+    other, _ = tied_autoencoder()
+    with torch.no_grad():
+        other.enc.weight.add_(1.0)
+    ms.update(other.state_dict())
+    assert torch.equal(model.enc.weight, other.enc.weight)
+    assert torch.equal(model.dec.weight, other.enc.weight.t())
+    ms.update(ms.to_dict())
+
+
+def test_transform_that_fails_on_the_source_is_value_error() -> None:
+    """A transform that cannot apply to the source (transpose of a 3-d weight) is refused."""
+    model = nn.ModuleDict({"a": nn.Conv1d(2, 3, 1), "b": nn.Conv1d(3, 2, 1)})
+    assert_refused(
+        model, ModelState.new(model), ValueError, "transform", "b.weight", "a.weight", "transpose"
+    )
+
+
+def test_update_with_nan_in_an_identity_tied_tensor() -> None:
+    """NaN under both keys of one tied tensor is the same value, not a conflict."""
+    model = nn.ModuleDict({"e": nn.Embedding(3, 2), "h": nn.Linear(2, 3, bias=False)})
+    model.h.weight = model.e.weight
+    with torch.no_grad():
+        model.e.weight[0, 0] = float("nan")
+    ModelState.new(model).update({k: v.clone() for k, v in model.state_dict().items()})
+    assert torch.isnan(model.e.weight[0, 0])

@@ -463,3 +463,23 @@ def test_sees_a_non_persistent_buffer_made_persistent():
     assert "scratch" not in ms.state()
     module.register_buffer("scratch", module.scratch, persistent=True)
     assert "scratch" in ms.state()
+
+
+def test_update_with_a_transposed_view_of_the_destination() -> None:
+    """A value that is a transposed view of its own destination is read before writing."""
+    w = torch.arange(9.0).reshape(3, 3)
+    expected = w.t().clone()
+    ModelState.new({"w": w}).update({"w": w.t()})
+    assert torch.equal(w, expected)
+
+
+def test_updated_state_as_a_modelstate_gives_its_state() -> None:
+    """A ModelState as `updated_state` contributes its state, not its parameters."""
+    target = nn.BatchNorm1d(2)
+    source = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        source.running_mean.fill_(3.0)
+        source.weight.fill_(5.0)
+    ModelState.new(target).update({}, ModelState.new(source))
+    assert torch.equal(target.running_mean, torch.full((2,), 3.0))
+    assert torch.equal(target.weight, torch.ones(2))

@@ -441,7 +441,7 @@ def _entry(file: Path, key: str, entry: object, base: int) -> tuple[TensorInfo, 
         raise _corrupt(
             file, f"tensor `{key}` has the unsupported dtype {code!r} (supported: {known})."
         )
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
         raise _corrupt(file, f"tensor `{key}` has the invalid shape {shape!r}.")
     if (
         not isinstance(offsets, list)
@@ -562,6 +562,8 @@ def output_layout(path: str | os.PathLike[str], sharded: bool) -> tuple[Path, Pa
     ``model.safetensors`` into. With sharding `path` is a directory (created if needed).
     """
     p = Path(path)
+    if str(path).endswith(("/", os.sep)):  # "out/" names a directory, even a new one
+        p.mkdir(parents=True, exist_ok=True)
     if not sharded:
         if p.is_dir():
             return p, p / SINGLE_FILE

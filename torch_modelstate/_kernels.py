@@ -25,6 +25,7 @@ NonFloat: TypeAlias = Literal["rhs", "lhs"]
 _GroupKey: TypeAlias = tuple[torch.device, torch.dtype, torch.device, torch.dtype]
 
 _IS_CPU = attrgetter("is_cpu")
+_IS_VIEW = Tensor._is_view
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 
@@ -58,15 +59,31 @@ def _pairs_by_device_dtype(
 
 
 def _unaliased(dsts: list[Tensor], srcs: list[Tensor]) -> list[Tensor]:
-    """`srcs`, with a copy of each one that is also written as another position's dst.
+    """`srcs`, with a copy of each one whose memory is written before it is read.
 
-    ``update({"a": b, "b": a})`` must read both values before writing either.
+    ``update({"a": b, "b": a})`` must read both values before writing either, and
+    ``update({"w": w.t()})`` must not copy a tensor onto a transposed view of itself. The
+    check is cheap unless a source is one of the destinations or a view (``_is_view``);
+    then sources sharing storage with a destination are copied first, except a source that
+    is exactly the view it is written to. Detached aliases (``t.detach()`` of another
+    destination) are not views to torch and are not looked for.
     """
-    written = set(map(id, dsts))
-    if written.isdisjoint(map(id, srcs)):
+    if set(map(id, dsts)).isdisjoint(map(id, srcs)) and not any(map(_IS_VIEW, srcs)):
         return srcs
-    position = {id(d): i for i, d in enumerate(dsts)}
-    return [s.clone() if position.get(id(s), i) != i else s for i, s in enumerate(srcs)]
+    writes: dict[int, list[int]] = {}
+    for i, d in enumerate(dsts):
+        writes.setdefault(_storage(d), []).append(i)
+    out = []
+    for i, s in enumerate(srcs):
+        hits = writes.get(_storage(s))
+        d = dsts[i]
+        same_view = hits == [i] and (s.data_ptr(), s.stride()) == (d.data_ptr(), d.stride())
+        out.append(s.clone() if hits and not same_view else s)
+    return out
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
 
 
 @torch.no_grad()
@@ -177,4 +194,8 @@ def same_values(a: Tensor, b: Tensor) -> bool:
         and a.stride() == b.stride()
     ):
         return True
-    return bool(torch.equal(a.detach().to(b.device, b.dtype), b.detach()))
+    a = a.detach().to(b.device, b.dtype)
+    b = b.detach()
+    if _is_float(b.dtype):  # NaN where both have NaN is the same value here
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return bool(torch.equal(a, b))

@@ -325,7 +325,8 @@ class ModelState:
             index, _values(updated_parameters, "updated_parameters"), dsts, srcs, keys, None
         )
         if updated_state is not None:
-            self._gather(index, _values(updated_state, "updated_state"), dsts, srcs, keys, "state")
+            values = _values(updated_state, "updated_state", state_only=True)
+            self._gather(index, values, dsts, srcs, keys, "state")
         if index.ties or updated_state is not None:
             dsts, srcs = _dedupe(index, dsts, srcs, keys)
         _kernels.copy_(dsts, srcs)
@@ -350,7 +351,7 @@ class ModelState:
             return
         leaves = list(map(index.by_key.get, names))
         if None in leaves:
-            _raise_unknown(index, names[leaves.index(None)], "update")
+            names, given, leaves = _drop_computed(index, values, names, given, leaves)
         if not all_tensors:
             key, value = next(
                 (k, v) for k, v in zip(names, given, strict=True) if not isinstance(v, Tensor)
@@ -541,11 +542,14 @@ def format_bytes(n: int) -> str:
     raise AssertionError  # unreachable
 
 
-def _values(obj: Values, name: str) -> Mapping[str, Any]:
-    """A flat ``{key: value}`` view of an update argument."""
+def _values(obj: Values, name: str, *, state_only: bool = False) -> Mapping[str, Any]:
+    """A flat ``{key: value}`` view of an update argument (of a ModelState: its tensors,
+    or only its state when it is given as `updated_state`)."""
     if isinstance(obj, ModelState):
         index = obj._idx()
-        return {leaf.key: leaf.tensor for leaf in index.leaves}
+        return {
+            leaf.key: leaf.tensor for leaf in index.leaves if not (state_only and leaf.is_param)
+        }
     if isinstance(obj, Mapping):
         return obj  # nested dicts are flattened by `_gather` when it meets one
     msg = (
@@ -583,6 +587,49 @@ def _dedupe(
                 )
             raise ValueError(msg)
     return out_d, out_s
+
+
+def _drop_computed(
+    index: Index,
+    values: Mapping[str, Any],
+    names: list[str],
+    given: list[Any],
+    leaves: list[Leaf | None],
+) -> tuple[list[str], list[Any], list[Leaf | None]]:
+    """Leave out values for transform destinations that agree with their source.
+
+    ``ms.update(model.state_dict())`` on a transform-tied model gives the destination's
+    computed value too; it is skipped when it equals the transform of the source's new (or
+    current) value, and refused when it does not: one tensor cannot take two values.
+    Any other unknown key is a `KeyError`.
+    """
+    kept_names: list[str] = []
+    kept_given: list[Any] = []
+    kept_leaves: list[Leaf | None] = []
+    for key, value, leaf in zip(names, given, leaves, strict=True):
+        if leaf is not None:
+            kept_names.append(key)
+            kept_given.append(value)
+            kept_leaves.append(leaf)
+            continue
+        tie = index.ties.get(key)
+        if tie is None or tie.fn is None:
+            _raise_unknown(index, key, "update")
+            continue
+        source = values.get(tie.source, index.by_key[tie.source].tensor)
+        agrees = False
+        if isinstance(value, Tensor) and isinstance(source, Tensor):
+            with torch.no_grad():
+                agrees = _kernels.same_values(value, tie.fn(source))
+        if not agrees:
+            name = tie.fn_name or getattr(tie.fn, "__name__", "transform")
+            msg = (
+                f"update: `{key}` is computed from `{tie.source}` (a transform tie, "
+                f"{name}), and the value given for it is not {name}(`{tie.source}`).\n"
+                f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
+            )
+            raise ValueError(msg)
+    return kept_names, kept_given, kept_leaves
 
 
 def _raise_unknown(index: Index, key: str, verb: str) -> Any:

@@ -407,8 +407,15 @@ def _probe(fn: Transform, src: Tensor) -> Tensor:
             return torch.empty_like(value, device=src.device) if value.is_meta else value
     except Exception:
         pass
-    with torch.no_grad():
-        value = fn(src)
+    try:
+        with torch.no_grad():
+            value = fn(src)
+    except Exception as err:
+        msg = (
+            f"tie: the transform {getattr(fn, '__name__', fn)!r} fails on the source "
+            f"(shape {tuple(src.shape)}, {src.dtype}).\n  got: {type(err).__name__}: {err}"
+        )
+        raise ValueError(msg) from err
     if not isinstance(value, Tensor):
         msg = f"tie: the transform must return a tensor.\n  got: {type(value).__name__}"
         raise TypeError(msg)

@@ -520,6 +520,13 @@ def _plan(ckpt: Checkpoint, saved: _Saved, ms: ModelState, strict: bool) -> _Pla
                 )
                 continue
             cast.append(key)
+        if torch._debug_has_internal_overlap(target) == 1:
+            problems.append(
+                f"`{key}` in the target has elements that share memory (an expanded "
+                "tensor), so values cannot be written into it.\n"
+                "  fix: make it a real tensor first, e.g. with .clone()"
+            )
+            continue
         if target.is_meta:
             problems.append(
                 f"`{key}` is on the meta device in the target and has no memory to load into.\n"
@@ -623,7 +630,7 @@ def _verify_pairs(ckpt: Checkpoint, pairs: Sequence[tuple[TensorInfo, TensorInfo
     """A file holding two keys that are one tied tensor in the target must agree on it."""
     for first, second in pairs:
         a, b = ckpt.read(first), ckpt.read(second)
-        if not torch.equal(a, b.to(a.dtype)):
+        if not _kernels.same_values(a, b):
             msg = (
                 f"{ckpt.path}: `{first.key}` and `{second.key}` hold different values, but they "
                 "are one tied tensor in the target.\n"
