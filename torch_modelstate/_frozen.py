@@ -52,12 +52,9 @@ def _swap_in_scratch(module: nn.Module, args: Any) -> None:
     saved: list[tuple[str, Tensor]] = []
     if names:
         buffers = module._buffers
-        originals = [(n, buffers[n]) for n in names if buffers.get(n) is not None]
-        scratch = _kernels.clone([t for _, t in originals if t is not None])
-        for (name, original), copy in zip(originals, scratch, strict=True):
-            assert original is not None
-            saved.append((name, original))
-            buffers[name] = copy
+        saved = [(n, t) for n in names if (t := buffers.get(n)) is not None]
+        for (name, _), scratch in zip(saved, _kernels.clone([t for _, t in saved]), strict=True):
+            buffers[name] = scratch
     module.__dict__.setdefault(_STACK, []).append(saved)
 
 
