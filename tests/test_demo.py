@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -110,14 +109,8 @@ def test_demo_defines_its_command_line_options() -> None:
             parser.parse_args(["--steps", bad])
 
 
-def _cli_or_skip() -> None:
-    if importlib.util.find_spec("torch_modelstate.cli") is None:
-        pytest.skip("torch_modelstate.cli is not written yet")
-
-
 def test_demo_command_runs_as_a_subprocess(tmp_path: Path) -> None:
     """`python -m torch_modelstate demo --steps N` exits 0 and prints every PASS line."""
-    _cli_or_skip()
     result = subprocess.run(
         [sys.executable, "-m", "torch_modelstate", "demo", "--steps", str(STEPS), "--seed", "1"],
         cwd=tmp_path,
@@ -134,7 +127,6 @@ def test_demo_command_runs_as_a_subprocess(tmp_path: Path) -> None:
 
 def test_demo_command_rejects_bad_steps(tmp_path: Path) -> None:
     """`demo --steps 0` is a usage error: exit status 2, a message on stderr, no traceback."""
-    _cli_or_skip()
     result = subprocess.run(
         [sys.executable, "-m", "torch_modelstate", "demo", "--steps", "0"],
         cwd=tmp_path,
