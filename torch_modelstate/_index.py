@@ -3,7 +3,7 @@
 Building an index walks the module tree once. A module-bound `ModelState` keeps its index
 and re-checks it before each use, because ``fully_shard``, ``to_empty``, ``.to()`` (for
 buffers) and ``load_state_dict(assign=True)`` replace tensor objects, and users add, swap
-or delete submodules. The check is three C-level passes, tens of nanoseconds per tensor,
+or delete submodules. The check is three C-level passes, about 0.1 us per tensor,
 which keeps `update` on thousands of small tensors close to a bare ``_foreach_copy_``:
 
 - every cached tensor is still the object its owner holds under its name (this catches
@@ -15,6 +15,7 @@ which keeps `update` on thousands of small tensors close to a bare ``_foreach_co
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from operator import is_
@@ -90,6 +91,11 @@ class Index:
             and all(map(is_, map(dict.get, dicts, names), tensors))
             and list(map(len, module_dicts)) == lens
         )
+
+    def did_you_mean(self, key: str) -> str:
+        """A hint line naming the keys closest to an unknown `key` (or nothing)."""
+        close = difflib.get_close_matches(key, self.order, n=3)
+        return f"\n  did you mean: {', '.join(close)}" if close else ""
 
     def resolve(self, key: str) -> Tensor | None:
         """The value under `key`: a stored tensor, or a transform destination computed now."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter
@@ -641,7 +640,6 @@ def _raise_unknown(index: Index, key: str, verb: str) -> Any:
             f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
         )
         raise ValueError(msg)
-    close = difflib.get_close_matches(key, index.order, n=3)
-    hint = f"\n  did you mean: {', '.join(close)}" if close else ""
+    hint = index.did_you_mean(key)
     msg = f"{verb}: unknown key `{key}`; the model has no such parameter or state.{hint}"
     raise KeyNotFoundError(msg)

@@ -18,7 +18,6 @@ key in ``load_state_dict()``, so checkpoints and keys look exactly as before the
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
@@ -430,6 +429,4 @@ def _missing_or_computed(index: Index, key: str, role: str) -> Exception:
             f"  fix: tie to `{tie.source}` directly, or untie `{key}` first"
         )
         return ValueError(msg)
-    close = difflib.get_close_matches(key, index.order, n=3)
-    hint = f"\n  did you mean: {', '.join(close)}" if close else ""
-    return KeyNotFoundError(f"tie: unknown {role} key `{key}`.{hint}")
+    return KeyNotFoundError(f"tie: unknown {role} key `{key}`.{index.did_you_mean(key)}")
