@@ -23,9 +23,9 @@ from torch_modelstate import (
     CheckpointError,
     CheckpointMismatchError,
     ModelState,
-    _format,
     _kernels,
 )
+from torch_modelstate.checkpoint import _budget, _layout, _writer
 
 # --------------------------------------------------------------------------- helpers
 
@@ -447,20 +447,20 @@ def test_round_trip_law(spec: dict[str, tuple[list[int], torch.dtype]]) -> None:
 )
 def test_max_shard_size_parses_units(size: int | str, expected: int) -> None:
     """Decimal units are powers of 1000, binary units powers of 1024."""
-    assert _format.parse_size(size) == expected
+    assert _layout.parse_size(size) == expected
 
 
 @pytest.mark.parametrize("size", ["5 parsecs", "GB", "-1MB", "0", 0])
 def test_max_shard_size_rejects_non_sizes(size: int | str) -> None:
     """A size must be positive, with a known unit."""
     with pytest.raises(ValueError, match="max_shard_size"):
-        _format.parse_size(size)
+        _layout.parse_size(size)
 
 
 def test_max_shard_size_of_a_wrong_type_is_a_type_error() -> None:
     """Only ints and strings are sizes."""
     with pytest.raises(TypeError, match="max_shard_size"):
-        _format.parse_size(1.5)  # type: ignore[arg-type]
+        _layout.parse_size(1.5)  # type: ignore[arg-type]
 
 
 def test_sharded_save_writes_the_common_layout(tmp_path: Path) -> None:
@@ -575,7 +575,7 @@ def test_a_failing_sharded_save_keeps_the_previous_checkpoint(
     tms.save(build(), tmp_path, max_shard_size=100)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     calls = [0]
-    write = _format._write_file
+    write = _writer._write_file
 
     def flaky(*args: object, **kwargs: object) -> None:
         calls[0] += 1
@@ -583,7 +583,7 @@ def test_a_failing_sharded_save_keeps_the_previous_checkpoint(
             raise OSError("no space left on device")
         write(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_format, "_write_file", flaky)
+    monkeypatch.setattr(_writer, "_write_file", flaky)
     with pytest.raises(OSError, match="no space"):
         tms.save(build(seed=3), tmp_path, max_shard_size=100)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -1086,7 +1086,7 @@ def test_staged_loads_copy_in_batches(tmp_path: Path, monkeypatch: pytest.Monkey
     """Values that need a cast are staged a few at a time and all arrive."""
     source = {f"t{i}": torch.randn(4, 4, dtype=torch.float64) for i in range(10)}
     path = saved(tmp_path, source)
-    monkeypatch.setattr(tms.io, "_BUDGET", 300)
+    monkeypatch.setattr(_budget, "BUDGET", 300)
     target = ModelState.new({k: torch.zeros(4, 4) for k in source})
     assert len(tms.io.check(path, target).cast) == 10
     tms.load(path, into=target)
@@ -1098,7 +1098,7 @@ def test_saves_copy_non_contiguous_tensors_in_batches(
 ) -> None:
     """Tensors that need a copy to be written are copied a few at a time."""
     source = {f"t{i}": torch.randn(5, 3).t() for i in range(10)}
-    monkeypatch.setattr(tms.io, "_BUDGET", 150)
+    monkeypatch.setattr(_budget, "BUDGET", 150)
     assert_values(
         tms.load(saved(tmp_path, source)).to_dict(), {k: v.contiguous() for k, v in source.items()}
     )

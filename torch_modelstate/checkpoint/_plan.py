@@ -1,0 +1,230 @@
+"""Load planning: every check of a file against the target, before anything is written.
+
+`make_plan` compares the file's keys, shapes, dtypes and ties with the target and returns
+what loading will do (a `Plan`, whose `report` is what `check` returns); it raises
+`CheckpointMismatchError` on the first problem and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torch_modelstate import _kernels, _tie
+from torch_modelstate._errors import CheckpointMismatchError
+from torch_modelstate._index import Index, Leaf
+from torch_modelstate._state import ModelState
+from torch_modelstate.checkpoint._codec import TensorInfo
+from torch_modelstate.checkpoint._entry import Saved, transform
+from torch_modelstate.checkpoint._files import Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What loading a checkpoint into a target does (see `check`); keys in file order."""
+
+    loaded: tuple[str, ...]
+    """Keys of the file whose values are written into the target."""
+    missing: tuple[str, ...]
+    """Keys of the target that the file does not cover (they keep their values)."""
+    unexpected: tuple[str, ...]
+    """Keys of the file that the target does not have (ignored)."""
+    computed: tuple[str, ...]
+    """Keys of the file that the target computes from a tie's source (skipped)."""
+    cast: tuple[str, ...]
+    """Keys whose values are cast to the target's dtype."""
+    ties: tuple[str, ...]
+    """Tie destinations that loading makes in the target."""
+
+
+@dataclass(slots=True)
+class Plan:
+    ms: ModelState
+    saved: Saved
+    writes: list[tuple[TensorInfo, Leaf]]
+    ties: list[tuple[str, str, str | None]]
+    pairs: list[tuple[TensorInfo, TensorInfo]]
+    report: LoadReport
+
+
+def kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def make_plan(ckpt: Checkpoint, saved: Saved, ms: ModelState, strict: bool) -> Plan:
+    file = ckpt.path
+    index = ms._idx()
+    in_target = set(index.order)
+    unexpected: list[str] = []
+    computed: list[str] = []
+    cast: list[str] = []
+    new_ties: list[tuple[str, str, str | None]] = []
+    for dest, (source, name) in saved.ties.items():
+        fn = transform(file, dest, name)
+        if dest not in in_target:
+            if not saved.aliases:  # free-form metadata that looks like an alias is no key
+                unexpected.append(dest)
+            continue
+        if source not in in_target:
+            continue  # the source is unexpected; `dest` shows up as missing
+        if _tie_needed(file, ms, index, dest, source, name, fn):
+            new_ties.append((dest, source, name))
+    becoming = {dest for dest, _, _ in new_ties}
+
+    problems: list[str] = []
+    writes: dict[int, tuple[TensorInfo, Leaf]] = {}
+    pairs: list[tuple[TensorInfo, TensorInfo]] = []
+    covered: set[str] = set(becoming)
+    for key, info in ckpt.tensors.items():
+        leaf = index.by_key.get(key)
+        if leaf is None:
+            (computed if key in index.ties else unexpected).append(key)
+            continue
+        covered.add(leaf.key)
+        target = leaf.tensor
+        if info.shape != tuple(target.shape):
+            problems.append(
+                f"shape mismatch for `{key}`.\n"
+                f"  expected (target): {tuple(target.shape)}\n  got (file): {info.shape}"
+            )
+            continue
+        dtype = info.torch_dtype
+        if dtype != target.dtype:
+            if kind(dtype) != kind(target.dtype):
+                problems.append(
+                    f"dtype mismatch for `{key}`: a {kind(dtype)} value cannot load into a "
+                    f"{kind(target.dtype)} tensor.\n"
+                    f"  expected (target): {target.dtype}\n  got (file): {dtype}"
+                )
+                continue
+            cast.append(key)
+        if torch._debug_has_internal_overlap(target) == 1:
+            problems.append(
+                f"`{key}` in the target has elements that share memory (an expanded "
+                "tensor), so values cannot be written into it.\n"
+                "  fix: make it a real tensor first, e.g. with .clone()"
+            )
+            continue
+        if target.is_meta:
+            problems.append(
+                f"`{key}` is on the meta device in the target and has no memory to load into.\n"
+                "  fix: materialize the model first, e.g. model.to_empty(device='cpu')"
+            )
+            continue
+        seen = writes.get(id(leaf))
+        if seen is None:
+            writes[id(leaf)] = (info, leaf)
+        else:
+            pairs.append((seen[0], info))
+    missing = [leaf.key for leaf in index.leaves if leaf.key not in covered]
+    if strict and (missing or unexpected):
+        msg = (
+            f"{file}: the checkpoint's keys do not match the target "
+            f"({len(missing)} missing from the file, {len(unexpected)} not in the target).\n"
+            + (f"  missing from the file: {some(missing)}\n" if missing else "")
+            + (f"  not in the target: {some(unexpected)}\n" if unexpected else "")
+            + "  fix: load into the model the checkpoint was saved from, or pass strict=False "
+            "to load the keys both have"
+        )
+        raise CheckpointMismatchError(msg)
+    if problems:
+        more = f"\n  ({len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+        raise CheckpointMismatchError(f"{file}: {problems[0]}{more}")
+    report = LoadReport(
+        loaded=tuple(info.key for info, _ in writes.values()),
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        computed=tuple(computed),
+        cast=tuple(cast),
+        ties=tuple(dest for dest, _, _ in new_ties),
+    )
+    return Plan(ms, saved, list(writes.values()), new_ties, pairs, report)
+
+
+def _tie_needed(
+    file: Path,
+    ms: ModelState,
+    index: Index,
+    dest: str,
+    source: str,
+    name: str | None,
+    fn: Callable[[Tensor], Tensor] | None,
+) -> bool:
+    """Whether the file's tie must be made in the target; raise if it cannot be."""
+
+    def refuse(problem: str, fix: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"{file}: the file ties `{dest}` to {what}, {problem}.\n  fix: {fix}"
+        )
+
+    what = f"`{source}`" if name is None else f"{name}(`{source}`)"
+    src_leaf = index.by_key.get(source)
+    existing = index.ties.get(dest)
+    if src_leaf is None:
+        raise refuse(
+            f"but the target computes `{source}` from a tie of its own", f"untie `{source}` first"
+        )
+    root = src_leaf.key
+    if existing is not None:
+        if (
+            existing.source == root
+            and existing.fn_name == name
+            and (existing.fn is None) == (fn is None)
+        ):
+            return False
+        theirs = (
+            f"`{existing.source}`"
+            if existing.fn is None
+            else f"{existing.fn_name}(`{existing.source}`)"
+        )
+        raise refuse(f"but the target ties it to {theirs}", f"untie `{dest}` in the target first")
+    if root == dest:
+        if fn is None:
+            return False  # one tensor in both, named the other way round
+        raise refuse(
+            "but they are one tensor in the target", f"untie `{source}` in the target first"
+        )
+    dependents = sorted(d for d, t in index.ties.items() if t.source == dest)
+    if dependents:
+        raise refuse(
+            f"but `{dest}` is the source of the target's ties ({', '.join(dependents)})",
+            "untie those first",
+        )
+    dest_leaf = index.by_key[dest]
+    if ms.module is not None and not (dest_leaf.is_param and src_leaf.is_param):
+        raise refuse(
+            "but only parameters can be tied in a module", "make both parameters in the target"
+        )
+    if dest_leaf.is_param != src_leaf.is_param:
+        raise refuse("but one is a parameter and the other state in the target", "align the target")
+    try:
+        _tie._check_compatible(dest, dest_leaf.tensor, root, src_leaf.tensor, fn)
+    except (ValueError, TypeError) as err:
+        raise refuse("which does not fit the target", str(err).replace("\n", " ")) from None
+    return True
+
+
+def verify_pairs(ckpt: Checkpoint, pairs: Sequence[tuple[TensorInfo, TensorInfo]]) -> None:
+    """A file holding two keys that are one tied tensor in the target must agree on it."""
+    for first, second in pairs:
+        a, b = ckpt.read(first), ckpt.read(second)
+        if not _kernels.same_values(a, b):
+            msg = (
+                f"{ckpt.path}: `{first.key}` and `{second.key}` hold different values, but they "
+                "are one tied tensor in the target.\n"
+                f"  fix: untie `{second.key}` in the target before loading"
+            )
+            raise CheckpointMismatchError(msg)
+
+
+def some(keys: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
