@@ -22,10 +22,10 @@ ms = ModelState.new(model)  # a live view: no copies
 
 ms.tie("head.weight", "embed.weight")  # one nn.Parameter under both names
 ms.freeze()  # freeze everything (BatchNorm statistics too)
-ms.unfreeze("blocks.3.**")  # then thaw the last block: a glob over keys
+ms.unfreeze("blocks.**")  # then thaw the blocks: a glob over keys
 
 
-def mask(path: list[str]) -> bool:  # or a function over list paths, Axon style
+def mask(path: list[str]) -> bool:  # or a function over paths as lists, Axon style
     match path:
         case ["blocks", n, *_] if int(n) < 2:
             return True
@@ -33,7 +33,7 @@ def mask(path: list[str]) -> bool:  # or a function over list paths, Axon style
             return False
 
 
-ms.freeze(mask)
+ms.freeze(mask)  # refreeze the first two blocks
 opt = torch.optim.AdamW(ms.trainable_parameters().values())  # each tied tensor once
 ema = ms.clone()  # a standalone copy of values, frozen set and ties
 
