@@ -11,6 +11,7 @@
 
 from torch_modelstate import io as io
 from torch_modelstate import merges as merges
+from torch_modelstate import optim as optim
 from torch_modelstate._errors import CheckpointCorruptError as CheckpointCorruptError
 from torch_modelstate._errors import CheckpointError as CheckpointError
 from torch_modelstate._errors import CheckpointMismatchError as CheckpointMismatchError
@@ -28,6 +29,8 @@ from torch_modelstate._tie import register_transform as register_transform
 from torch_modelstate._tie import registered_transforms as registered_transforms
 from torch_modelstate.io import load as load
 from torch_modelstate.io import save as save
+from torch_modelstate.optim import load_optimizer as load_optimizer
+from torch_modelstate.optim import save_optimizer as save_optimizer
 
 __version__ = "0.1.0"
 
@@ -42,11 +45,14 @@ __all__ = [
     "any_of",
     "io",
     "load",
+    "load_optimizer",
     "merges",
     "not_",
+    "optim",
     "register_transform",
     "registered_transforms",
     "save",
+    "save_optimizer",
     "to_flat",
     "to_key",
     "to_nested",
