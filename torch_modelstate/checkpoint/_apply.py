@@ -15,12 +15,14 @@ from torch_modelstate.checkpoint._plan import Plan
 
 
 def apply(ckpt: Checkpoint, plan: Plan) -> None:
+    """Make the plan's ties, stream its values, and apply the file's frozen set if asked."""
     ms, saved = plan.ms, plan.saved
-    before = ms._frozen_keys(ms._idx()) if saved.frozen is not None else set()
+    restore = plan.frozen == "file" and saved.frozen is not None
+    before = ms._frozen_keys(ms._idx()) if restore else set()
     for dest, source, name in plan.ties:
         ms.tie(dest, source, name)
     stream(ckpt, [(info, leaf.tensor) for info, leaf in plan.writes])
-    if saved.frozen is not None:
+    if restore and saved.frozen is not None:
         file_key = {leaf.key: info.key for info, leaf in plan.writes}
         wanted = {key for key, fk in file_key.items() if fk in saved.frozen}
         wanted |= {key for key in before if key not in file_key}

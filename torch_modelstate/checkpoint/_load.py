@@ -20,8 +20,15 @@ logger = logging.getLogger("torch_modelstate")
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
 
+FROZEN_CHOICES = ("keep", "file")
+
+
 def load(
-    path: PathLike, into: nn.Module | ModelState | None = None, *, strict: bool = True
+    path: PathLike,
+    into: nn.Module | ModelState | None = None,
+    *,
+    strict: bool = True,
+    frozen: str | None = None,
 ) -> ModelState:
     """Load a checkpoint (a file, a directory or an index): values, frozen set and ties.
 
@@ -51,11 +58,14 @@ def load(
             "  fix: for a dict of tensors, pass ModelState.new(tensors)"
         )
         raise TypeError(msg)
+    chosen = None if frozen is None else _check_frozen(frozen)
     with open_checkpoint(path) as ckpt:
         saved = read_entry(ckpt)
         if into is None:
             return load_standalone(ckpt, saved)
-        plan = make_plan(ckpt, saved, ModelState.new(into), strict)
+        # Until the callers that rely on the old default pass frozen="file", None keeps it.
+        frozen = chosen or ("file" if saved.frozen is not None else "keep")
+        plan = make_plan(ckpt, saved, ModelState.new(into), strict, frozen=frozen)
         verify_pairs(ckpt, plan.pairs)
         apply(ckpt, plan)
     report = plan.report
@@ -90,3 +100,14 @@ def check(path: PathLike, into: nn.Module | ModelState, *, strict: bool = True) 
         plan = make_plan(ckpt, read_entry(ckpt), ModelState.new(into), strict)
         verify_pairs(ckpt, plan.pairs)
     return plan.report
+
+
+def _check_frozen(frozen: object) -> str:
+    if isinstance(frozen, str) and frozen in FROZEN_CHOICES:
+        return frozen
+    msg = (
+        "`frozen` must be 'keep' (the target's frozen flags stay as they are) or 'file' "
+        "(the file's frozen set is applied).\n"
+        f"  got: {frozen!r}"
+    )
+    raise ValueError(msg)

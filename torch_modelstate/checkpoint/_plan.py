@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from torch_modelstate import _kernels, _tie
-from torch_modelstate._errors import CheckpointMismatchError
+from torch_modelstate._errors import CheckpointError, CheckpointMismatchError
 from torch_modelstate._index import Index, Leaf
 from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint._codec import TensorInfo
@@ -49,6 +49,7 @@ class Plan:
     ties: list[tuple[str, str, str | None]]
     pairs: list[tuple[TensorInfo, TensorInfo]]
     report: LoadReport
+    frozen: str = "keep"  # "keep": the target's frozen flags stay; "file": the file's set
 
 
 def kind(dtype: torch.dtype) -> str:
@@ -59,8 +60,17 @@ def kind(dtype: torch.dtype) -> str:
     return "bool" if dtype == torch.bool else "integer"
 
 
-def make_plan(ckpt: Checkpoint, saved: Saved, ms: ModelState, strict: bool) -> Plan:
+def make_plan(
+    ckpt: Checkpoint, saved: Saved, ms: ModelState, strict: bool, *, frozen: str = "keep"
+) -> Plan:
     file = ckpt.path
+    if frozen == "file" and saved.frozen is None:
+        msg = (
+            f"{file}: frozen='file' applies the file's frozen set, but the file records none "
+            "(it was written by another tool).\n"
+            "  fix: pass frozen='keep' to keep the target's frozen flags"
+        )
+        raise CheckpointError(msg)
     index = ms._idx()
     in_target = set(index.order)
     unexpected: list[str] = []
@@ -146,7 +156,7 @@ def make_plan(ckpt: Checkpoint, saved: Saved, ms: ModelState, strict: bool) -> P
         cast=tuple(cast),
         ties=tuple(dest for dest, _, _ in new_ties),
     )
-    return Plan(ms, saved, list(writes.values()), new_ties, pairs, report)
+    return Plan(ms, saved, list(writes.values()), new_ties, pairs, report, frozen)
 
 
 def _tie_needed(
