@@ -7,6 +7,10 @@ to an accelerator is issued with ``non_blocking=True``. Nothing here validates u
 callers check keys and shapes first, so a kernel is only reached when every write will
 succeed.
 
+DTensors (FSDP2 parameters) are written through their local shards: `_distributed.local_pairs`
+turns every pair into plain tensors first, so a sharded write costs what a write of one
+rank's shard costs and needs no communication.
+
 Integer and bool tensors (``num_batches_tracked``, masks) are never interpolated: the
 arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the right-hand value
 (``"rhs"``) or keeps its own (``"lhs"``).
@@ -19,6 +23,8 @@ from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
+
+from torch_modelstate import _distributed
 
 NonFloat: TypeAlias = Literal["rhs", "lhs"]
 
@@ -91,6 +97,7 @@ def copy_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """Copy ``srcs[i]`` into ``dsts[i]`` for all i, casting and moving as needed."""
     if not dsts:
         return
+    dsts, srcs = _distributed.local_pairs(dsts, srcs)
     srcs = _unaliased(dsts, srcs)
     if _all_cpu(dsts, srcs):
         torch._foreach_copy_(dsts, srcs)
@@ -146,6 +153,7 @@ def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> N
 @torch.no_grad()
 def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += weight * (rhs[i] - lhs[i])`` in place, as grouped ``_foreach_lerp_``."""
+    lhs, rhs = _distributed.local_pairs(lhs, rhs)
     rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_lerp_(lhs, rhs, weight)
@@ -159,6 +167,7 @@ def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloa
 @torch.no_grad()
 def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += alpha * rhs[i]`` in place, as grouped ``_foreach_add_``."""
+    lhs, rhs = _distributed.local_pairs(lhs, rhs)
     rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_add_(lhs, rhs, alpha=alpha)
@@ -187,6 +196,8 @@ def same_values(a: Tensor, b: Tensor) -> bool:
         return True
     if a.shape != b.shape:
         return False
+    if _distributed.any_dtensor((a, b)):  # compare whole values (a collective, as update is)
+        a, b = _distributed.full(a), _distributed.full(b)
     if (
         a.device == b.device
         and a.dtype == b.dtype
