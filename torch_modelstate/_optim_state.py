@@ -20,16 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _format, _kernels
+from torch_modelstate import _kernels
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointMismatchError
-from torch_modelstate._format import Spec, TensorInfo
 from torch_modelstate._state import ModelState
+from torch_modelstate.checkpoint import _budget
+from torch_modelstate.checkpoint._codec import CODE, Spec, TensorInfo
+from torch_modelstate.checkpoint._files import open_checkpoint
+from torch_modelstate.checkpoint._writer import write_checkpoint
 
 __all__ = ["load_optimizer", "save_optimizer"]
 
 ENTRY = "torch_modelstate.optimizer"
 _VERSION = 1
-_BUDGET = 64 * 2**20
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
 
@@ -131,7 +133,7 @@ def save_optimizer(
                     record[name] = {"value": _json_value(value, f"state `{name}` of `{key}`")}
             entry_state[key] = record
     for file_key, tensor in tensors.items():
-        if tensor.is_sparse or tensor.is_meta or tensor.dtype not in _format.CODE:
+        if tensor.is_sparse or tensor.is_meta or tensor.dtype not in CODE:
             msg = (
                 f"save_optimizer: `{file_key}` ({tensor.dtype}, {tensor.layout}, on "
                 f"{tensor.device}) cannot be stored in safetensors."
@@ -152,7 +154,7 @@ def save_optimizer(
         _kernels.copy_(out, [tensors[s.key] for s in batch])
         return out
 
-    _format.write_checkpoint(path, specs, metadata, fill, max_shard_size=None, budget=_BUDGET)
+    write_checkpoint(path, specs, metadata, fill, max_shard_size=None, budget=_budget.BUDGET)
 
 
 def _corrupt(path: object, problem: str) -> CheckpointCorruptError:
@@ -244,7 +246,7 @@ def load_optimizer(
     """
     ms = ModelState.new(state_or_module)
     groups = _named_params(optimizer, ms, "load_optimizer")
-    with _format.open_checkpoint(path) as ckpt:
+    with open_checkpoint(path) as ckpt:
         entry = _parse(ckpt.path, ckpt.metadata.get(ENTRY), ckpt.tensors)
         _check_against(ckpt.path, entry, optimizer, groups, ckpt.tensors)
         values = {key: ckpt.read(info) for key, info in ckpt.tensors.items()}
