@@ -500,6 +500,51 @@ class ModelState:
         _tie.untie(self, to_key(destination))
         return self
 
+    # ----------------------------------------------------------------- DCP Stateful
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The live stored tensors by key (DTensors over a sharded model), each once:
+        tie destinations left out. With `load_state_dict` this makes a ModelState a
+        ``torch.distributed.checkpoint`` ``Stateful``, loaded in place (resharding included):
+        ``dcp.save({"model": ms}, checkpoint_id=path)``, then ``dcp.load({"model": ms}, ...)``.
+
+        >>> import torch
+        >>> ms = ModelState.new(torch.nn.Linear(2, 1))
+        >>> ms.state_dict()["weight"] is ms.module.weight
+        True
+        """
+        return {leaf.key: leaf.tensor for leaf in self._idx().leaves}
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Write `state_dict` (every key of `state_dict()`) in place, as `update` does:
+        checked first, all or nothing. Values that are the live tensors themselves (what
+        DCP hands back after loading into them) are left as they are.
+
+        >>> import torch
+        >>> ms = ModelState.new(torch.nn.Linear(2, 1))
+        >>> ms.load_state_dict({"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
+        >>> ms.module.weight.tolist()
+        [[1.0, 1.0]]
+        """
+        index = self._idx()
+        missing = [leaf.key for leaf in index.leaves if leaf.key not in state_dict]
+        if missing:
+            shown = ", ".join(f"`{k}`" for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            msg = (
+                f"load_state_dict: {len(missing)} key(s) missing: {shown}.\n"
+                "  expected: every key of state_dict()\n"
+                "  fix: pass a whole state dict, or use update() for some keys"
+            )
+            raise KeyNotFoundError(msg)
+        live = index.by_key
+        values = {
+            key: value
+            for key, value in state_dict.items()
+            if key not in live or value is not live[key].tensor
+        }
+        if values:
+            self.update(values)
+
     # ----------------------------------------------------------------- repr
 
     def __repr__(self) -> str:
