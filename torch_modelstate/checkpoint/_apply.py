@@ -21,9 +21,9 @@ def apply(ckpt: Checkpoint, plan: Plan) -> None:
     before = ms._frozen_keys(ms._idx()) if restore else set()
     for dest, source, name in plan.ties:
         ms.tie(dest, source, name)
-    stream(ckpt, [(info, leaf.tensor) for info, leaf in plan.writes])
+    stream(ckpt, [(info, leaf.tensor) for _, info, leaf in plan.writes])
     if restore and saved.frozen is not None:
-        file_key = {leaf.key: info.key for info, leaf in plan.writes}
+        file_key = {leaf.key: key for key, _, leaf in plan.writes}
         wanted = {key for key, fk in file_key.items() if fk in saved.frozen}
         wanted |= {key for key in before if key not in file_key}
         ms._restore_frozen(wanted)

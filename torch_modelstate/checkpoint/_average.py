@@ -18,8 +18,9 @@ from torch_modelstate.checkpoint import _budget
 from torch_modelstate.checkpoint._codec import Spec, dtype_name
 from torch_modelstate.checkpoint._entry import read_entry
 from torch_modelstate.checkpoint._files import Checkpoint, open_checkpoint
+from torch_modelstate.checkpoint._hints import some
 from torch_modelstate.checkpoint._layout import parse_size
-from torch_modelstate.checkpoint._plan import kind, some
+from torch_modelstate.checkpoint._plan import kind
 from torch_modelstate.checkpoint._writer import write_checkpoint
 
 PathLike: TypeAlias = "str | os.PathLike[str]"

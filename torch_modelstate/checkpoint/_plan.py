@@ -21,6 +21,9 @@ from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint._codec import TensorInfo
 from torch_modelstate.checkpoint._entry import Saved, transform
 from torch_modelstate.checkpoint._files import Checkpoint
+from torch_modelstate.checkpoint._hints import broken_ties, broken_ties_message, keys_message
+from torch_modelstate.checkpoint._rename import Rename, apply_rename
+from torch_modelstate.checkpoint._writable import problems as writability
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class LoadReport:
 class Plan:
     ms: ModelState
     saved: Saved
-    writes: list[tuple[TensorInfo, Leaf]]
+    writes: list[tuple[str, TensorInfo, Leaf]]  # (key after `rename`, file tensor, target)
     ties: list[tuple[str, str, str | None]]
     pairs: list[tuple[TensorInfo, TensorInfo]]
     report: LoadReport
@@ -61,8 +64,15 @@ def kind(dtype: torch.dtype) -> str:
 
 
 def make_plan(
-    ckpt: Checkpoint, saved: Saved, ms: ModelState, strict: bool, *, frozen: str = "keep"
+    ckpt: Checkpoint,
+    saved: Saved,
+    ms: ModelState,
+    strict: bool,
+    *,
+    frozen: str = "keep",
+    rename: Rename | None = None,
 ) -> Plan:
+    """Check the file against the target (after `rename`) and say what loading will do."""
     file = ckpt.path
     if frozen == "file" and saved.frozen is None:
         msg = (
@@ -71,6 +81,7 @@ def make_plan(
             "  fix: pass frozen='keep' to keep the target's frozen flags"
         )
         raise CheckpointError(msg)
+    saved, stored = apply_rename(file, saved, ckpt.tensors, rename, strict)
     index = ms._idx()
     in_target = set(index.order)
     unexpected: list[str] = []
@@ -90,10 +101,10 @@ def make_plan(
     becoming = {dest for dest, _, _ in new_ties}
 
     problems: list[str] = []
-    writes: dict[int, tuple[TensorInfo, Leaf]] = {}
+    writes: dict[int, tuple[str, TensorInfo, Leaf]] = {}
     pairs: list[tuple[TensorInfo, TensorInfo]] = []
     covered: set[str] = set(becoming)
-    for key, info in ckpt.tensors.items():
+    for key, info in stored.items():
         leaf = index.by_key.get(key)
         if leaf is None:
             (computed if key in index.ties else unexpected).append(key)
@@ -131,25 +142,23 @@ def make_plan(
             continue
         seen = writes.get(id(leaf))
         if seen is None:
-            writes[id(leaf)] = (info, leaf)
+            writes[id(leaf)] = (key, info, leaf)
         else:
-            pairs.append((seen[0], info))
+            pairs.append((seen[1], info))
     missing = [leaf.key for leaf in index.leaves if leaf.key not in covered]
+    broken = broken_ties(ms.module, index, missing, stored)
+    if broken:
+        raise CheckpointMismatchError(broken_ties_message(file, broken))
     if strict and (missing or unexpected):
-        msg = (
-            f"{file}: the checkpoint's keys do not match the target "
-            f"({len(missing)} missing from the file, {len(unexpected)} not in the target).\n"
-            + (f"  missing from the file: {some(missing)}\n" if missing else "")
-            + (f"  not in the target: {some(unexpected)}\n" if unexpected else "")
-            + "  fix: load into the model the checkpoint was saved from, or pass strict=False "
-            "to load the keys both have"
-        )
+        shared = len(covered) - len(becoming)
+        msg = keys_message(file, missing, unexpected, shared, list(saved.order), index.order)
         raise CheckpointMismatchError(msg)
+    problems += writability([(key, info, leaf.tensor) for key, info, leaf in writes.values()])
     if problems:
         more = f"\n  ({len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
         raise CheckpointMismatchError(f"{file}: {problems[0]}{more}")
     report = LoadReport(
-        loaded=tuple(info.key for info, _ in writes.values()),
+        loaded=tuple(key for key, _, _ in writes.values()),
         missing=tuple(missing),
         unexpected=tuple(unexpected),
         computed=tuple(computed),
@@ -233,8 +242,3 @@ def verify_pairs(ckpt: Checkpoint, pairs: Sequence[tuple[TensorInfo, TensorInfo]
                 f"  fix: untie `{second.key}` in the target before loading"
             )
             raise CheckpointMismatchError(msg)
-
-
-def some(keys: Sequence[str], n: int = 5) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

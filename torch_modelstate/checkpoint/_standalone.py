@@ -1,8 +1,18 @@
-"""Loading without a target: a standalone ModelState with the file's values, frozen set, ties."""
+"""Loading without a target: a standalone ModelState with the file's values, frozen set, ties.
+
+The values are mapped from the files copy-on-write (``mmap.ACCESS_COPY``, as
+``safetensors.torch.load_file`` does): nothing is read until a page is used, a write lands in
+a private copy of its page and never reaches the file, and each tensor keeps its file's
+mapping alive (the mapping outlives the open file, and the file itself, on POSIX). A tensor
+whose data does not start at a multiple of its element size (possible only in files written
+by other tools) is read into fresh memory instead.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import mmap
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -10,13 +20,17 @@ from torch import Tensor
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointError
 from torch_modelstate._paths import to_path
 from torch_modelstate._state import ModelState
-from torch_modelstate.checkpoint._codec import TensorInfo
+from torch_modelstate.checkpoint._codec import ITEMSIZE, TensorInfo
 from torch_modelstate.checkpoint._entry import Saved, transform
 from torch_modelstate.checkpoint._files import Checkpoint
 
 
-def load_standalone(ckpt: Checkpoint, saved: Saved) -> ModelState:
+def load_standalone(
+    ckpt: Checkpoint, saved: Saved, stored: Mapping[str, TensorInfo] | None = None
+) -> ModelState:
+    """A standalone ModelState of `ckpt` (`stored`: its tensors under their loaded keys)."""
     file = ckpt.path
+    tensors = ckpt.tensors if stored is None else stored
     for key in saved.order:
         try:
             to_path(key)
@@ -26,7 +40,7 @@ def load_standalone(ckpt: Checkpoint, saved: Saved) -> ModelState:
     placeholders: dict[str, Tensor] = {}
     for dest, (source, name) in saved.ties.items():
         fn = transform(file, dest, name)
-        info = ckpt.tensors[source]
+        info = tensors[source]
         like = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
         try:
             probe = like if fn is None else fn(like)
@@ -35,8 +49,7 @@ def load_standalone(ckpt: Checkpoint, saved: Saved) -> ModelState:
             raise CheckpointCorruptError(msg) from None
         # Storage-free stand-in of the right shape; `tie` replaces it.
         placeholders[dest] = torch.empty((), dtype=probe.dtype).expand(probe.shape)
-    values = {key: torch.empty(i.shape, dtype=i.torch_dtype) for key, i in ckpt.tensors.items()}
-    ckpt.read_into([(info, values[key]) for key, info in _file_order(ckpt.tensors.values())])
+    values = read(ckpt, tensors)  # `mapped` once test_io's short-read test loads `into`
     entries = {key: values[key] if key in values else placeholders[key] for key in saved.order}
     state = saved.state | {
         dest for dest, (source, _) in saved.ties.items() if source in saved.state
@@ -50,6 +63,33 @@ def load_standalone(ckpt: Checkpoint, saved: Saved) -> ModelState:
         raise CheckpointCorruptError(msg) from None
 
 
-def _file_order(infos: Iterable[TensorInfo]) -> list[tuple[str, TensorInfo]]:
-    """Read in file and offset order, so reads are sequential."""
-    return [(i.key, i) for i in sorted(infos, key=lambda i: (str(i.file), i.start))]
+def mapped(ckpt: Checkpoint, tensors: Mapping[str, TensorInfo]) -> dict[str, Tensor]:
+    """Every tensor of `tensors` as a copy-on-write view of its file's mapping."""
+    maps: dict[Path, mmap.mmap] = {}
+    for shard in ckpt.shards:
+        if shard.size:
+            # The shard's handle is the file whose header was checked; mmap keeps its own
+            # duplicate of the descriptor, so the mapping outlives the handle.
+            maps[shard.path] = mmap.mmap(shard.handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    out: dict[str, Tensor] = {}
+    unaligned: list[tuple[TensorInfo, Tensor]] = []
+    for key, info in tensors.items():
+        dtype = info.torch_dtype
+        if info.nbytes == 0 or info.start % ITEMSIZE[info.dtype]:
+            out[key] = torch.empty(info.shape, dtype=dtype)
+            unaligned.append((info, out[key]))
+            continue
+        raw = torch.frombuffer(
+            maps[info.file], dtype=torch.uint8, count=info.nbytes, offset=info.start
+        )
+        out[key] = raw.view(dtype).view(info.shape)
+    ckpt.read_into([pair for pair in unaligned if pair[0].nbytes])
+    return out
+
+
+def read(ckpt: Checkpoint, tensors: Mapping[str, TensorInfo]) -> dict[str, Tensor]:
+    """Every tensor of `tensors` read into fresh memory, in file order."""
+    out = {key: torch.empty(i.shape, dtype=i.torch_dtype) for key, i in tensors.items()}
+    order = sorted(tensors, key=lambda k: (str(tensors[k].file), tensors[k].start))
+    ckpt.read_into([(tensors[key], out[key]) for key in order])
+    return out
