@@ -25,8 +25,8 @@ from torch_modelstate._paths import to_key as to_key
 from torch_modelstate._paths import to_nested as to_nested
 from torch_modelstate._paths import to_path as to_path
 from torch_modelstate._state import ModelState as ModelState
-from torch_modelstate._tie import register_transform as register_transform
-from torch_modelstate._tie import registered_transforms as registered_transforms
+from torch_modelstate._ties import register_transform as register_transform
+from torch_modelstate._ties import registered_transforms as registered_transforms
 from torch_modelstate.io import load as load
 from torch_modelstate.io import save as save
 from torch_modelstate.optim import load_optimizer as load_optimizer

@@ -1,42 +1,39 @@
 """The index: every leaf of a model by key, in ``state_dict()`` order, with its ties.
 
-Building an index walks the module tree once. A module-bound `ModelState` keeps its index
-and re-checks it before each use, because ``fully_shard``, ``to_empty``, ``.to()`` (for
-buffers) and ``load_state_dict(assign=True)`` replace tensor objects, and users add, swap
-or delete submodules. The check is three C-level passes, about 0.1 us per tensor,
-which keeps `update` on thousands of small tensors close to a bare ``_foreach_copy_``:
+Building an index walks the module tree once. The index is kept *with the module it
+indexes* (`current_index`), so ``ModelState.new(model)`` at every step finds the one built
+before, and it re-checks itself before each use, because ``fully_shard``, ``to_empty``,
+``.to()`` (for buffers) and ``load_state_dict(assign=True)`` replace tensor objects, and
+users add, swap, delete or re-register submodules, parameters and buffers.
 
-- every cached tensor is still the object its owner holds under its name (this catches
-  replaced and deleted parameters and buffers, whoever replaced them);
-- no module anywhere registered a parameter, buffer or submodule since the index was built
-  (torch's global registration hooks bump a counter; tying and untying bump it too);
-- every module's ``_modules`` still has its length (this catches deleted submodules).
+Invariant (what `Index.is_current` proves, in three C-level passes and no Python call per
+tensor): every module of the model still holds, by identity, the same ``_parameters``,
+``_buffers`` and ``_modules`` dicts with the same entries (each parameter, buffer and child,
+``None`` entries included), the same number of entries in each, and the same set of
+non-persistent buffer names. Anything that changes what the index says changes one of
+those; nothing outside the model is looked at, so an assignment in an unrelated module
+invalidates nothing. Keys, leaves and ties of a current index are exactly those a fresh walk
+would give.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from operator import is_
+from itertools import repeat
+from operator import eq, is_
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_hooks
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from torch_modelstate import _tie
+from torch_modelstate._tied_module import TransformTie, parameter_order, transform_ties_of
+from torch_modelstate._ties import Tie as Tie
+from torch_modelstate._ties import identity_sources
 
-_VERSION = [0]
-
-
-def bump_version(*args: object) -> None:
-    """Mark every cached index as possibly stale (a registration hook, or our own ties)."""
-    _VERSION[0] += 1
-
-
-_module_hooks.register_module_parameter_registration_hook(bump_version)
-_module_hooks.register_module_buffer_registration_hook(bump_version)
-_module_hooks.register_module_module_registration_hook(bump_version)
+_HELD = "_tms_index"  # the module attribute that keeps a root's index
 
 
 @dataclass(eq=False, slots=True)
@@ -51,20 +48,13 @@ class Leaf:
     name: str
 
 
-@dataclass(eq=False, slots=True)
-class Tie:
-    """A tie destination: the source's tensor itself, or `fn` applied to it."""
-
-    dest: str
-    source: str
-    fn: Callable[[Tensor], Tensor] | None
-    fn_name: str | None
-    owner: nn.Module | None
-    name: str
-
-
 class Index:
-    """Leaves, ties and the key order of one model (or dict of tensors)."""
+    """Leaves, ties and the key order of one model (or dict of tensors).
+
+    ``keys``/``paths``/``leaves`` list the stored tensors (tie destinations left out),
+    ``order`` every key in module order, ``by_key`` maps stored keys and identity
+    destinations to their leaf, ``ties`` maps each destination to its `Tie`.
+    """
 
     __slots__ = ("_checks", "by_key", "keys", "leaves", "order", "paths", "ties")
 
@@ -81,15 +71,25 @@ class Index:
         self._checks: tuple[Any, ...] | None = None
 
     def is_current(self) -> bool:
-        """Whether the module still holds exactly the objects this index was built from."""
+        """Whether the model still holds exactly what this index was built from.
+
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> index = current_index(model)
+        >>> index.is_current(), current_index(model) is index
+        (True, True)
+        >>> model[0].bias = nn.Parameter(model[0].bias.detach().clone())
+        >>> index.is_current()
+        False
+        """
         checks = self._checks
         if checks is None:
             return True
-        version, dicts, names, tensors, module_dicts, lens = checks
+        holders, names, objects, sized, sizes, np_sets, np_copies = checks
         return (
-            version == _VERSION[0]
-            and all(map(is_, map(dict.get, dicts, names), tensors))
-            and list(map(len, module_dicts)) == lens
+            all(map(is_, map(dict.get, holders, names), objects))
+            and list(map(len, sized)) == sizes
+            and all(map(eq, np_sets, np_copies))
         )
 
     def did_you_mean(self, key: str) -> str:
@@ -104,8 +104,60 @@ class Index:
             return leaf.tensor
         tie = self.ties.get(key)
         if tie is not None and tie.fn is not None:
-            return tie.fn(self.by_key[tie.source].tensor)
+            return self.computed(tie)
         return None
+
+    def computed(self, tie: Tie) -> Tensor:
+        """A transform destination's value now (the module's own attribute in a model)."""
+        assert tie.fn is not None
+        if tie.owner is not None:
+            value: Tensor = getattr(tie.owner, tie.name)
+            return value
+        return tie.fn(self.by_key[tie.source].tensor)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Kept on the module it indexes: a pickled or copied module starts without one.
+        return (type(None), ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile``, DDP and DataParallel wrappers.
+
+    >>> from torch import nn
+    >>> model = nn.Linear(2, 2)
+    >>> unwrap(nn.DataParallel(model)) is model
+    True
+    """
+    while True:
+        if isinstance(module, (DistributedDataParallel, DataParallel)):
+            inner = module.module
+        else:
+            # Only look for torch.compile's wrapper once dynamo is loaded (it is heavy).
+            eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+            wrapper = getattr(eval_frame, "OptimizedModule", None)
+            if wrapper is None or not isinstance(module, wrapper):
+                return module
+            inner = module._orig_mod
+        assert isinstance(inner, nn.Module)
+        module = inner
+
+
+def current_index(root: nn.Module) -> Index:
+    """The index kept with `root` if it is still current, else a fresh one (then kept)."""
+    held = root.__dict__.get(_HELD)
+    if isinstance(held, Index) and held.is_current():
+        return held
+    index = index_module(root)
+    root.__dict__[_HELD] = index
+    return index
+
+
+def forget(root: nn.Module) -> None:
+    """Drop the index kept with `root` (after our own tie or untie)."""
+    root.__dict__.pop(_HELD, None)
 
 
 def index_module(root: nn.Module) -> Index:
@@ -113,43 +165,52 @@ def index_module(root: nn.Module) -> Index:
     found: list[tuple[str, Tensor, bool, nn.Module, str]] = []
     order: list[str] = []
     prefixes: dict[int, str] = {}
-    pending: list[tuple[str, nn.Module, str, _tie.TransformTie]] = []
-    version = _VERSION[0]
-    module_dicts: list[dict[str, Any]] = []
+    pending: list[tuple[str, nn.Module, str, TransformTie]] = []
+    holders: list[dict[str, Any]] = []
+    names: list[str] = []
+    objects: list[object] = []
+    sized: list[dict[str, Any]] = []
+    np_sets: list[set[str]] = []
+
+    def watch(holder: dict[str, Any]) -> None:
+        holders.extend(repeat(holder, len(holder)))
+        names.extend(holder)
+        objects.extend(holder.values())
 
     def visit(module: nn.Module, prefix: str) -> None:
         prefixes.setdefault(id(module), prefix)
-        module_dicts.append(module._modules)
-        tied = _tie.transform_ties_of(module)
-        for name in _tie.parameter_order(module) if tied else module._parameters:
+        params, buffers, children = module._parameters, module._buffers, module._modules
+        skip = module._non_persistent_buffers_set
+        own = module.__dict__
+        holders.extend((own, own, own, own))
+        names.extend(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
+        objects.extend((params, buffers, children, skip))
+        sized.extend((params, buffers, children))
+        np_sets.append(skip)
+        watch(params)
+        watch(buffers)
+        watch(children)
+        tied = transform_ties_of(module)
+        for name in parameter_order(module) if tied else params:
             record = tied.get(name)
             if record is not None:
                 order.append(prefix + name)
                 pending.append((prefix + name, module, name, record))
                 continue
-            param = module._parameters[name]
+            param = params[name]
             if param is not None:
                 found.append((prefix + name, param, True, module, name))
                 order.append(prefix + name)
-        skip = module._non_persistent_buffers_set
-        for name, buffer in module._buffers.items():
+        for name, buffer in buffers.items():
             if buffer is not None and name not in skip:
                 found.append((prefix + name, buffer, False, module, name))
                 order.append(prefix + name)
-        for name, child in module._modules.items():
+        for name, child in children.items():
             if child is not None:
                 visit(child, prefix + name + ".")
 
     visit(root, "")
-    # A tensor under several keys is an identity tie. Its source is the first key in module
-    # order, unless `tie` recorded that key as a destination (the user tied it the other way).
-    source_of: dict[int, str] = {}
-    source_hinted: dict[int, bool] = {}
-    for key, tensor, _, owner, name in found:
-        hinted = _is_tied_dest(owner, name)
-        if id(tensor) not in source_of or (source_hinted[id(tensor)] and not hinted):
-            source_of[id(tensor)] = key
-            source_hinted[id(tensor)] = hinted
+    source_of = identity_sources((key, t, owner, name) for key, t, _, owner, name in found)
     leaves: list[Leaf] = []
     ties: dict[str, Tie] = {}
     for key, tensor, is_param, owner, name in found:
@@ -158,29 +219,32 @@ def index_module(root: nn.Module) -> Index:
             leaves.append(Leaf(key, tuple(key.split(".")), is_param, tensor, owner, name))
         else:
             ties[key] = Tie(key, source, None, None, owner, name)
+    stored = {leaf.key for leaf in leaves}
     for key, owner, name, record in pending:
-        source_prefix = prefixes.get(id(record.source_owner))
-        if source_prefix is None:
-            msg = (
-                f"`{key}` is tied to `{record.source_name}` of a module outside this model.\n"
-                "  fix: untie it, or build the ModelState over the model that holds both"
-            )
-            raise ValueError(msg)
         ties[key] = Tie(
-            key, source_prefix + record.source_name, record.fn, record.name, owner, name
+            key, _source_key(key, record, prefixes, stored), record.fn, record.name, owner, name
         )
     index = Index(leaves, ties, order)
-    dicts = [
-        owner._parameters if is_param else owner._buffers for _, _, is_param, owner, _ in found
-    ]
-    names = [name for *_, name in found]
-    tensors = [tensor for _, tensor, *_ in found]
-    index._checks = (version, dicts, names, tensors, module_dicts, list(map(len, module_dicts)))
+    np_copies = [set(s) for s in np_sets]
+    index._checks = (holders, names, objects, sized, list(map(len, sized)), np_sets, np_copies)
     return index
 
 
-def _is_tied_dest(owner: nn.Module, name: str) -> bool:
-    return name in owner.__dict__.get(_tie.IDENTITY_DESTS, ())
+def _source_key(key: str, record: TransformTie, prefixes: dict[int, str], stored: set[str]) -> str:
+    prefix = prefixes.get(id(record.source_owner))
+    if prefix is None:
+        msg = (
+            f"`{key}` is tied to `{record.source_name}` of a module outside this model.\n"
+            "  fix: untie it, or build the ModelState over the model that holds both"
+        )
+        raise ValueError(msg)
+    source = prefix + record.source_name
+    # A source parametrized after the tie (torch.nn.utils.parametrize) is stored as its
+    # parametrization's `original`; the tie reads the parametrized value, computed from it.
+    original = f"{prefix}parametrizations.{record.source_name}.original"
+    if source not in stored and original in stored:
+        return original
+    return source
 
 
 def index_entries(entries: Iterable[tuple[str, Tensor | Tie]], state_keys: set[str]) -> Index:

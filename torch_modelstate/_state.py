@@ -10,9 +10,9 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _frozen, _kernels, _tie
+from torch_modelstate import _frozen, _kernels, _tied_module, _ties
 from torch_modelstate._errors import KeyNotFoundError
-from torch_modelstate._index import Index, Leaf, Tie, index_entries, index_module
+from torch_modelstate._index import Index, Leaf, Tie, current_index, forget, index_entries, unwrap
 from torch_modelstate._masks import MaskLike, compile_mask
 from torch_modelstate._paths import to_flat, to_key
 from torch_modelstate.merges import Merge
@@ -78,7 +78,7 @@ class ModelState:
             return obj
         if isinstance(obj, nn.Module):
             state = cls()
-            state._module = obj
+            state._module = unwrap(obj)  # torch.compile / DDP / DataParallel: the plain model
             return state
         if isinstance(obj, Mapping):
             return cls._from_parts(to_flat(obj))
@@ -161,7 +161,7 @@ class ModelState:
         if index is not None and index.is_current():
             return index
         if self._module is not None:
-            index = index_module(self._module)
+            index = current_index(self._module)  # kept with the module, shared by its views
         else:
             index = index_entries(self._entries.items(), self._state_keys)
         self._index = index
@@ -169,6 +169,8 @@ class ModelState:
 
     def _changed(self) -> None:
         self._index = None
+        if self._module is not None:
+            forget(self._module)
 
     def _is_frozen(self, leaf: Leaf) -> bool:
         if leaf.owner is None:
@@ -222,6 +224,14 @@ class ModelState:
 
         An identity destination maps to its source's tensor; a transform destination to
         the transform of the source, computed now (detached).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"enc": nn.Linear(4, 2), "dec": nn.Linear(2, 4)})
+        >>> ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+        >>> out = ms.to_dict()
+        >>> list(out), torch.equal(out["dec.weight"], model["enc"].weight.t())
+        (['enc.weight', 'enc.bias', 'dec.weight', 'dec.bias'], True)
         """
         index = self._idx()
         out: dict[str, Tensor] = {}
@@ -230,9 +240,7 @@ class ModelState:
             if leaf is not None:
                 out[key] = leaf.tensor
             else:
-                tie = index.ties[key]
-                assert tie.fn is not None
-                out[key] = tie.fn(index.by_key[tie.source].tensor).detach()
+                out[key] = index.computed(index.ties[key]).detach()
         return out
 
     def ties(self) -> dict[str, str]:
@@ -491,13 +499,67 @@ class ModelState:
         >>> bool((model["dec"].weight == model["enc"].weight.t()).all())
         True
         """
-        _tie.tie(self, to_key(destination), to_key(source), transform)
+        dest, src = to_key(destination), to_key(source)
+        fn, fn_name = _ties.resolve_transform(transform)
+        index = self._idx()
+        check = _ties.check_tie(index, dest, src, fn, fn_name)
+        check.raise_problem("tie")
+        if check.exists:
+            return self
+        dest_leaf, src_leaf = index.by_key[dest], index.by_key[check.root]
+        owner, src_owner = dest_leaf.owner, src_leaf.owner
+        if owner is not None and src_owner is not None:
+            if fn is None:
+                assert isinstance(src_leaf.tensor, nn.Parameter)  # checked: both parameters
+                _ties.mark_identity_dest(owner, dest_leaf.name, src_leaf.tensor)
+            else:
+                _tied_module.add_transform_tie(
+                    owner, dest_leaf.name, src_owner, src_leaf.name, fn, fn_name
+                )
+        else:
+            self._entries[dest] = Tie(dest, check.root, fn, fn_name, None, dest)
+            self._frozen.discard(dest)
+        self._changed()
         return self
 
     def untie(self, destination: KeyLike) -> ModelState:
         """Give a tie destination its own copy of its current value (for a transform tie,
         the materialised value); the model keeps working and the source is unchanged."""
-        _tie.untie(self, to_key(destination))
+        dest = to_key(destination)
+        index = self._idx()
+        tie = index.ties.get(dest)
+        if tie is None:
+            if dest in index.by_key:
+                msg = (
+                    f"untie: `{dest}` is not a tie destination.\n"
+                    "  fix: `ties()` lists the destinations"
+                )
+                raise ValueError(msg)
+            msg = f"untie: unknown destination key `{dest}`.{index.did_you_mean(dest)}"
+            raise KeyNotFoundError(msg)
+        src_leaf = index.by_key[tie.source]
+        source = src_leaf.tensor
+        owner = tie.owner
+        if owner is not None and tie.fn is None and owner is src_leaf.owner:
+            if tie.name == src_leaf.name:
+                msg = (
+                    f"untie: `{dest}` and `{tie.source}` are one attribute of one shared "
+                    "submodule; they cannot be told apart.\n"
+                    "  fix: replace the shared submodule by a copy (copy.deepcopy) instead"
+                )
+                raise ValueError(msg)
+        if owner is None:
+            with torch.no_grad():
+                value = source if tie.fn is None else tie.fn(source)
+                self._entries[dest] = value.detach().clone(memory_format=torch.contiguous_format)
+            if src_leaf.key in self._frozen:
+                self._frozen.add(dest)
+        elif tie.fn is not None:
+            _tied_module.remove_transform_tie(owner, tie.name)
+        else:
+            grad = bool(source.requires_grad)
+            _ties.unmark_identity_dest(owner, tie.name, source.detach().clone(), grad)
+        self._changed()
         return self
 
     # ----------------------------------------------------------------- DCP Stateful
