@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointError
 
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+MAX_RANK = 64  # dimensions of one tensor; more is a crafted header, not a model
+_MAX_BYTES = 2**63 - 1  # sizes, strides and offsets are 64-bit signed in torch
 
 # safetensors dtype codes: element size, and the torch dtype where this torch has it.
 ITEMSIZE: dict[str, int] = {
@@ -211,24 +213,43 @@ def _entry(file: Path, key: str, entry: object, base: int) -> tuple[TensorInfo, 
         raise corrupt(
             file, f"tensor `{key}` has the unsupported dtype {code!r} (supported: {known})."
         )
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
-        raise corrupt(file, f"tensor `{key}` has the invalid shape {shape!r}.")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        rank = (
+            f" ({len(shape)} dimensions, more than {MAX_RANK})" if isinstance(shape, list) else ""
+        )
+        raise corrupt(file, f"tensor `{key}` has the invalid shape {_short(shape)}{rank}.")
+    # Bounded before any arithmetic: every dimension, and the product of the non-zero
+    # ones (so that strides and byte counts fit in 64 bits even for an empty tensor).
+    extent = 1
+    for d in shape:
+        if type(d) is not int or not 0 <= d <= _MAX_BYTES:
+            raise corrupt(file, f"tensor `{key}` has the invalid shape {_short(shape)}.")
+        extent *= max(d, 1)
+        if extent * ITEMSIZE[code] > _MAX_BYTES:
+            problem = f"tensor `{key}` has the shape {_short(shape)}, whose size overflows 64 bits."
+            raise corrupt(file, problem)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not 0 <= offsets[0] <= offsets[1] <= _MAX_BYTES
     ):
-        raise corrupt(file, f"tensor `{key}` has the invalid data_offsets {offsets!r}.")
+        raise corrupt(file, f"tensor `{key}` has the invalid data_offsets {_short(offsets)}.")
     begin, end = offsets
     nbytes = math.prod(shape) * ITEMSIZE[code]
     if end - begin != nbytes:
         problem = (
-            f"tensor `{key}` ({code}, shape {tuple(shape)}) needs {nbytes} bytes, "
+            f"tensor `{key}` ({code}, shape {_short(shape)}) needs {nbytes} bytes, "
             f"but its data_offsets span {end - begin}."
         )
         raise corrupt(file, problem)
     return TensorInfo(key, code, tuple(shape), base + begin, nbytes, file), begin, end
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`value`'s repr, cut to `limit` characters (a crafted header can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
 def read_exact(handle: FileIO, n: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Checkpoint files for reading: a path resolved to files, opened, headers checked, read.
+"""Checkpoint files for reading: opened, headers checked, from one save, read into tensors.
 
 A checkpoint is one safetensors file, or the shards that an index names. `open_checkpoint`
 opens every file and checks every header before returning, and the files stay open until
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,18 +26,17 @@ from torch_modelstate._errors import CheckpointCorruptError, CheckpointError
 from torch_modelstate.checkpoint._codec import (
     TensorInfo,
     check_little_endian,
+    is_plain_cpu,
     parse_header,
     tensor_bytes,
 )
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-SHARD_RE = re.compile(r"model-(\d{5,})-of-(\d{5,})\.safetensors")
-
-
-def shard_name(i: int, n: int) -> str:
-    """The file name of shard `i` (from 1) of `n`, as ``transformers`` names them."""
-    return f"model-{i:05d}-of-{n:05d}.safetensors"
+from torch_modelstate.checkpoint._locate import INDEX_FILE as INDEX_FILE
+from torch_modelstate.checkpoint._locate import SHARD_RE as SHARD_RE
+from torch_modelstate.checkpoint._locate import SINGLE_FILE as SINGLE_FILE
+from torch_modelstate.checkpoint._locate import open_regular
+from torch_modelstate.checkpoint._locate import resolve as resolve
+from torch_modelstate.checkpoint._locate import shard_name as shard_name
+from torch_modelstate.checkpoint._stamp import Stamp, read_stamp
 
 
 @dataclass(slots=True)
@@ -96,42 +94,34 @@ class Checkpoint:
         ``preadv`` releases the GIL. Without ``preadv`` (Windows) it reads sequentially.
         """
         handles = {shard.path: shard.handle for shard in self.shards}
-        pieces: list[_Piece] = []
-        total = 0
+        spans = []
         for info, out in pairs:
             view = tensor_bytes(out)
             assert len(view) == info.nbytes
-            handle = handles[info.file]
-            for at in range(0, info.nbytes, _PIECE):
-                pieces.append((handle, info, info.start + at, view[at : at + _PIECE]))
-            total += info.nbytes
-        workers = min(_WORKERS, len(pieces))
-        if not hasattr(os, "preadv") or workers < 2 or total < _PARALLEL_BYTES:
-            for piece in pieces:
-                _read_piece(piece)
-            return
-        queue = iter(pieces)
-        lock = threading.Lock()
-        errors: list[BaseException] = []
+            spans.append((handles[info.file], info, info.start, view))
+        _read_spans(spans)
 
-        def work() -> None:
-            while not errors:
-                with lock:
-                    piece = next(queue, None)
-                if piece is None:
-                    return
-                try:
-                    _read_piece(piece)
-                except BaseException as err:  # re-raised in the calling thread
-                    errors.append(err)
+    def read_rows(self, info: TensorInfo, start: int, stop: int, out: Tensor) -> None:
+        """Read rows ``start:stop`` (along the first dimension) of `info` into `out`.
 
-        threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        `out` is a contiguous CPU tensor of the file's dtype and shape
+        ``(stop - start, *info.shape[1:])``; only those bytes are read (a rank loading its
+        shard of a tensor reads just that).
+        """
+        rows = info.shape[0] if info.shape else 0
+        if not 0 <= start <= stop <= rows:
+            msg = f"read_rows: rows {start}:{stop} of `{info.key}`, which has {rows} rows."
+            raise IndexError(msg)
+        expected = (stop - start, *info.shape[1:])
+        if tuple(out.shape) != expected or out.dtype != info.torch_dtype or not is_plain_cpu(out):
+            msg = (
+                f"read_rows: `out` must be a contiguous CPU {info.torch_dtype} tensor of shape "
+                f"{expected}.\n  got: {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+            raise ValueError(msg)
+        row = info.nbytes // rows if rows else 0
+        handle = next(s.handle for s in self.shards if s.path == info.file)
+        _read_spans([(handle, info, info.start + start * row, tensor_bytes(out))])
 
     def shard(self, name: str) -> Shard:
         """The open shard whose file name is `name`."""
@@ -139,6 +129,43 @@ class Checkpoint:
             if shard.path.name == name:
                 return shard
         raise AssertionError(name)  # pragma: no cover
+
+
+def _read_spans(spans: Sequence[tuple[FileIO, TensorInfo, int, memoryview]]) -> None:
+    """Read each span's bytes from `offset` of its file into its view, by a few threads."""
+    pieces: list[_Piece] = []
+    total = 0
+    for handle, info, offset, view in spans:
+        for at in range(0, len(view), _PIECE):
+            pieces.append((handle, info, offset + at, view[at : at + _PIECE]))
+        total += len(view)
+    workers = min(_WORKERS, len(pieces))
+    if not hasattr(os, "preadv") or workers < 2 or total < _PARALLEL_BYTES:
+        for piece in pieces:
+            _read_piece(piece)
+        return
+    queue = iter(pieces)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                piece = next(queue, None)
+            if piece is None:
+                return
+            try:
+                _read_piece(piece)
+            except BaseException as err:  # re-raised in the calling thread
+                errors.append(err)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 _Piece = tuple[FileIO, TensorInfo, int, memoryview]
@@ -165,51 +192,41 @@ def _read_piece(piece: _Piece) -> None:
         done += n
 
 
-def resolve(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """``(file or index, index or None)`` for a file, a directory or an index path."""
-    p = Path(path)
-    if not p.exists():
-        msg = f"No checkpoint at `{p}`: the path does not exist."
-        raise FileNotFoundError(msg)
-    if p.is_dir():
-        single, index = p / SINGLE_FILE, p / INDEX_FILE
-        if single.is_file() and index.is_file():
-            msg = (
-                f"{p}: the directory holds both `{SINGLE_FILE}` and `{INDEX_FILE}`; "
-                "it is unclear which is the checkpoint.\n"
-                "  fix: remove the stale one, or pass a file"
-            )
-            raise CheckpointError(msg)
-        if single.is_file():
-            return single, None
-        if index.is_file():
-            return index, index
-        indexes = sorted(p.glob("*.safetensors.index.json"))
-        files = sorted(p.glob("*.safetensors"))
-        if len(indexes) == 1:
-            return indexes[0], indexes[0]
-        if not indexes and len(files) == 1:
-            return files[0], None
-        found = ", ".join(f.name for f in [*indexes, *files]) or "no safetensors files"
-        msg = (
-            f"No checkpoint in the directory `{p}`: expected `{SINGLE_FILE}` or `{INDEX_FILE}`"
-            f" (found: {found}; pickle files such as pytorch_model.bin are never read)."
-        )
-        raise FileNotFoundError(msg)
-    if p.name.endswith(".json"):
-        return p, p
-    return p, None
+_ATTEMPTS = 3  # a reader racing a writer starts over when the index changed under it
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open and check a checkpoint: a file, a directory, or an index with its shards."""
+    """Open and check a checkpoint: a file, a directory, or an index with its shards.
+
+    The files of a sharded checkpoint must come from one save (`_stamp`); if they do not,
+    or a shard is missing, because a writer replaced the index while it was read, it
+    starts over (a few times) with the new index, else raises `CheckpointCorruptError`.
+    """
     check_little_endian()
-    target, index = resolve(path)
-    if index is None:
-        shard = read_header(target)
-        ckpt = Checkpoint(target, None, [shard], dict(shard.tensors))
-        return ckpt
-    weight_map = read_index(index)
+    for attempt in range(_ATTEMPTS):
+        target, index = resolve(path)
+        if index is None:
+            shard = read_header(target)
+            return Checkpoint(target, None, [shard], dict(shard.tensors))
+        seen = _identity(index)
+        try:
+            return _open_sharded(index)
+        except (FileNotFoundError, CheckpointCorruptError):
+            if attempt + 1 == _ATTEMPTS or _identity(index) == seen:
+                raise
+    raise AssertionError  # pragma: no cover
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _open_sharded(index: Path) -> Checkpoint:
+    weight_map, index_stamp = read_index_stamped(index)
     files: dict[str, list[str]] = {}
     for key, name in weight_map.items():
         files.setdefault(name, []).append(key)
@@ -217,7 +234,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         for name, keys in files.items():
             file = index.parent / name
-            if not file.is_file():
+            if not os.path.exists(file):
                 msg = (
                     f"{index}: the index names the shard `{name}`, "
                     f"which does not exist in {index.parent}."
@@ -227,6 +244,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             ckpt.shards.append(shard)
             missing = [k for k in keys if k not in shard.tensors]
             if missing:
+                _check_one_save(index, index_stamp, ckpt.shards)
                 msg = (
                     f"{index}: the index maps `{missing[0]}` to `{name}`, which has no such tensor"
                     f" ({len(missing)} keys missing from that shard)."
@@ -234,11 +252,13 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 raise CheckpointCorruptError(msg)
             extra = [k for k in shard.tensors if weight_map.get(k) != name]
             if extra:
+                _check_one_save(index, index_stamp, ckpt.shards)
                 msg = (
                     f"{file}: the shard holds `{extra[0]}`, "
                     f"which the index does not map to it ({index.name})."
                 )
                 raise CheckpointCorruptError(msg)
+        _check_one_save(index, index_stamp, ckpt.shards)
         for key in weight_map:
             ckpt.tensors[key] = ckpt.shard(weight_map[key]).tensors[key]
     except BaseException:
@@ -247,12 +267,44 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return ckpt
 
 
+def _check_one_save(index: Path, index_stamp: Stamp | None, shards: Sequence[Shard]) -> None:
+    """Refuse files of two saves under one index (a save interrupted, or a race)."""
+    stamps = {shard.path.name: read_stamp(shard.path, shard.metadata) for shard in shards}
+    ids = {name: s.save_id if s else None for name, s in stamps.items()}
+    expected = index_stamp.save_id if index_stamp else next(iter(ids.values()), None)
+    if expected is None and all(v is None for v in ids.values()):
+        return  # written by another tool or an older version: no ids to compare
+    odd = [f"{name} (save {v or 'without id'})" for name, v in ids.items() if v != expected]
+    if not odd:
+        return
+    which = (
+        f"the index is of save {expected}"
+        if index_stamp
+        else f"{next(iter(ids))} is of save {expected}"
+    )
+    msg = (
+        f"{index}: the shards come from different saves: {which}, but "
+        f"{', '.join(odd[:3])}{' and more' if len(odd) > 3 else ''}. A save of this checkpoint "
+        "was interrupted, or ran while it was read.\n"
+        "  fix: load it again once the save has finished, or save it again"
+    )
+    raise CheckpointCorruptError(msg)
+
+
 def read_index(index: Path) -> dict[str, str]:
     """The ``weight_map`` of a sharded checkpoint's index, checked."""
+    return read_index_stamped(index)[0]
+
+
+def read_index_stamped(index: Path) -> tuple[dict[str, str], Stamp | None]:
+    """The ``weight_map`` of a sharded checkpoint's index, checked, and its save stamp."""
     try:
-        text = index.read_text(encoding="utf-8")
+        with open_regular(index) as handle:
+            text = handle.readall().decode("utf-8")
         data = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         msg = f"{index}: the index is not valid JSON ({err})."
         raise CheckpointCorruptError(msg) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -266,12 +318,14 @@ def read_index(index: Path) -> dict[str, str]:
                 " in the same directory."
             )
             raise CheckpointCorruptError(msg)
-    return weight_map
+    metadata = data.get("metadata")
+    index_stamp = read_stamp(index, metadata) if isinstance(metadata, dict) else None
+    return weight_map, index_stamp
 
 
 def read_header(file: Path) -> Shard:
     """Open `file` and check its header completely; the shard keeps the file open."""
-    handle = open(file, "rb", buffering=0)  # noqa: SIM115 - the shard owns it
+    handle = open_regular(file)
     try:
         header = parse_header(file, handle, os.fstat(handle.fileno()).st_size)
     except BaseException:

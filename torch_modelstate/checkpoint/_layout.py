@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch_modelstate.checkpoint._budget import pack
 from torch_modelstate.checkpoint._codec import Spec
-from torch_modelstate.checkpoint._files import SINGLE_FILE
+from torch_modelstate.checkpoint._locate import SINGLE_FILE
 
 _UNITS = {
     "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -76,6 +76,13 @@ def save(
 
 
 def _check_savable(key: str, tensor: Tensor) -> None:
+    if key == "__metadata__":
+        msg = (
+            "save: a tensor is named `__metadata__`, the name the safetensors format reserves "
+            "for the header's metadata; no file can hold it (nothing was written).\n"
+            "  fix: rename the tensor"
+        )
+        raise ValueError(msg)
     if tensor.dtype not in CODE:
         supported = ", ".join(str(d).removeprefix("torch.") for d in CODE)
         msg = (
