@@ -18,6 +18,7 @@ arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the righ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from operator import attrgetter
 from typing import Literal, TypeAlias
 
@@ -130,19 +131,64 @@ def _uniform_float_cpu(lhs: list[Tensor], rhs: list[Tensor]) -> bool:
 def _binary_groups(
     lhs: list[Tensor], rhs: list[Tensor]
 ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[Tensor]]:
-    """Group float pairs by lhs (device, dtype), bringing rhs over; set non-float pairs apart."""
+    """Group float pairs by (device, dtype) of both sides; set non-float pairs apart."""
     floats: list[tuple[list[Tensor], list[Tensor]]] = []
     int_l: list[Tensor] = []
     int_r: list[Tensor] = []
-    for (ldev, ldt, rdev, rdt), (ls, rs) in _pairs_by_device_dtype(lhs, rhs).items():
+    for (_, ldt, _, _), (ls, rs) in _pairs_by_device_dtype(lhs, rhs).items():
         if not _is_float(ldt):
             int_l += ls
             int_r += rs
             continue
-        if (ldev, ldt) != (rdev, rdt):
-            rs = [r.to(device=ldev, dtype=ldt, non_blocking=True) for r in rs]
-        floats.append((ls, rs))
+        floats.append((ls, rs))  # rhs converted lazily, chunk by chunk: `_float_chunks`
     return floats, int_l, int_r
+
+
+# At most this many bytes of rhs are converted at once when lhs and rhs differ in device or
+# dtype (an fp32 EMA of a bf16 model, a CPU shadow of a GPU model): never a model-sized copy.
+CONVERT_BUDGET = 16 * 2**20
+
+
+def _float_chunks(
+    floats: list[tuple[list[Tensor], list[Tensor]]],
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """Each float group, with rhs brought to lhs's device and dtype a chunk at a time.
+
+    A chunk holds about `CONVERT_BUDGET` bytes; a larger contiguous tensor is split into flat
+    slices (views of lhs, so the op still writes in place). The same kernel then runs on
+    converted values, so results equal converting first. ``non_blocking`` only for copies
+    from the CPU to an accelerator: a device-to-host copy must land before the CPU reads it.
+    """
+    for ls, rs in floats:
+        device, dtype = ls[0].device, ls[0].dtype
+        if rs[0].device == device and rs[0].dtype == dtype:
+            yield ls, rs
+            continue
+        non_blocking = rs[0].device.type == "cpu" and device.type != "cpu"
+
+        def to(r: Tensor) -> Tensor:
+            return r.to(device=device, dtype=dtype, non_blocking=non_blocking)  # noqa: B023
+
+        limit = max(1, CONVERT_BUDGET // ls[0].element_size())
+        chunk_l: list[Tensor] = []
+        chunk_r: list[Tensor] = []
+        size = 0
+        for lt, rt in zip(ls, rs, strict=True):
+            n = lt.numel()
+            if n > limit and lt.is_contiguous() and rt.is_contiguous():
+                flat_l, flat_r = lt.view(-1), rt.view(-1)
+                for start in range(0, n, limit):
+                    piece = flat_r[start : start + limit]
+                    yield [flat_l[start : start + limit]], [to(piece)]
+                continue
+            chunk_l.append(lt)
+            chunk_r.append(rt)
+            size += n
+            if size >= limit:
+                yield chunk_l, list(map(to, chunk_r))
+                chunk_l, chunk_r, size = [], [], 0
+        if chunk_l:
+            yield chunk_l, list(map(to, chunk_r))
 
 
 def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> None:
@@ -159,7 +205,7 @@ def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloa
         torch._foreach_lerp_(lhs, rhs, weight)
         return
     floats, int_l, int_r = _binary_groups(lhs, rhs)
-    for ls, rs in floats:
+    for ls, rs in _float_chunks(floats):
         torch._foreach_lerp_(ls, rs, weight)
     _nonfloat(int_l, int_r, nonfloat)
 
@@ -173,7 +219,7 @@ def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat)
         torch._foreach_add_(lhs, rhs, alpha=alpha)
         return
     floats, int_l, int_r = _binary_groups(lhs, rhs)
-    for ls, rs in floats:
+    for ls, rs in _float_chunks(floats):
         torch._foreach_add_(ls, rs, alpha=alpha)
     _nonfloat(int_l, int_r, nonfloat)
 

@@ -1,0 +1,94 @@
+"""Stochastic rounding into bf16 and fp16, for merges that must not stall.
+
+``ema(0.999)`` of a bf16 tensor moves it by 0.1 % of the gap per step, far below half a
+bf16 step (0.4 % of the value), so round-to-nearest returns the old value every time and
+the average never moves. Stochastic rounding rounds up with probability equal to the
+distance from the value below, so the result is right on average (unbiased), as in timm's
+``ModelEmaV3``.
+
+The merge is computed in fp32 over a flat buffer per chunk of tensors (a handful of ops per
+chunk, no Python work per element): uniform random bits are added below the target's
+mantissa in the fp32 bit pattern, the bits below it are cleared (truncation, toward zero in
+magnitude), and the now exactly representable values are written through
+`_kernels.copy_`. bf16 shares fp32's exponent, so this is exact everywhere; for fp16 it is
+exact in fp16's normal range, and values below 2**-14 (fp16 subnormals) are rounded to
+nearest. Infinities and NaNs pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from torch_modelstate import _kernels
+from torch_modelstate._kernels import NonFloat
+
+__all__ = ["LOW_PRECISION", "lerp_"]
+
+# Bits of an fp32 mantissa below each target's mantissa.
+LOW_PRECISION: dict[torch.dtype, int] = {torch.bfloat16: 16, torch.float16: 13}
+
+# Elements computed in fp32 at once (three fp32 buffers of this size live at a time).
+CHUNK = 1 << 22
+
+
+def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    chunk_l: list[Tensor] = []
+    chunk_r: list[Tensor] = []
+    size = 0
+    for lt, rt in zip(ls, rs, strict=True):
+        chunk_l.append(lt)
+        chunk_r.append(rt)
+        size += lt.numel()
+        if size >= CHUNK:
+            yield chunk_l, chunk_r
+            chunk_l, chunk_r, size = [], [], 0
+    if chunk_l:
+        yield chunk_l, chunk_r
+
+
+def round_(values: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> None:
+    """Round the fp32 `values` in place, stochastically, to numbers `dtype` holds exactly."""
+    bits = LOW_PRECISION[dtype]
+    noise = torch.randint(
+        0, 1 << bits, values.shape, dtype=torch.int32, device=values.device, generator=generator
+    )
+    pattern = values.view(torch.int32)
+    finite = values.isfinite()
+    pattern.add_(noise.mul_(finite))  # leave inf and NaN as they are
+    pattern.bitwise_and_(-(1 << bits))
+
+
+@torch.no_grad()
+def lerp_(
+    lhs: list[Tensor],
+    rhs: list[Tensor],
+    weight: float,
+    nonfloat: NonFloat,
+    generator: torch.Generator | None,
+) -> None:
+    """``lhs[i] += weight * (rhs[i] - lhs[i])``, rounded stochastically into bf16/fp16 lhs.
+
+    Other tensors take the plain grouped kernel (`_kernels.lerp_`, nearest rounding).
+    """
+    low = [i for i, t in enumerate(lhs) if t.dtype in LOW_PRECISION]
+    if len(low) < len(lhs):
+        chosen = set(low)
+        rest = [i for i in range(len(lhs)) if i not in chosen]
+        _kernels.lerp_([lhs[i] for i in rest], [rhs[i] for i in rest], weight, nonfloat)
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for i in low:
+        ls, rs = groups.setdefault((lhs[i].device, lhs[i].dtype), ([], []))
+        ls.append(lhs[i])
+        rs.append(rhs[i])
+    for (device, dtype), (ls, rs) in groups.items():
+        for chunk_l, chunk_r in _chunks(ls, rs):
+            a = torch.cat([t.reshape(-1) for t in chunk_l]).to(torch.float32)
+            b = torch.cat([t.reshape(-1).to(device) for t in chunk_r]).to(torch.float32)
+            a.lerp_(b, weight)
+            del b
+            round_(a, dtype, generator)
+            pieces = a.split_with_sizes([t.numel() for t in chunk_l])
+            _kernels.copy_(chunk_l, [p.view(t.shape) for p, t in zip(pieces, chunk_l, strict=True)])
