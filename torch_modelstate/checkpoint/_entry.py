@@ -47,7 +47,12 @@ class Saved:
 
 
 def describe(ms: ModelState, index: Index) -> dict[str, Any]:
-    """The ``torch_modelstate`` metadata entry; an unnamed transform tie is an error."""
+    """The ``torch_modelstate`` metadata entry; an unnamed transform tie is an error.
+
+    So is a module whose ``state_dict()`` holds entries that are not parameters or buffers
+    (see `check_no_extra_state`): the checkpoint would silently lack them.
+    """
+    check_no_extra_state(ms, index)
     ties: dict[str, dict[str, str | None]] = {}
     for dest, tie in index.ties.items():
         if tie.fn is not None and tie.fn_name is None:
@@ -67,6 +72,62 @@ def describe(ms: ModelState, index: Index) -> dict[str, Any]:
         "frozen": [leaf.key for leaf in index.leaves if leaf.key in frozen],
         "ties": ties,
     }
+
+
+def check_no_extra_state(ms: ModelState, index: Index) -> None:
+    """A ValueError naming the state-dict entries of `ms`'s module that are not in `index`.
+
+    Dynamically quantised layers (``quantize_dynamic``: packed weights, ``scale``,
+    ``zero_point``), ``get_extra_state`` (``_extra_state``), a custom
+    ``_save_to_state_dict`` or a state-dict hook add entries that are neither parameters
+    nor persistent buffers. A ModelState views parameters and buffers only, so a
+    checkpoint of it would lose them: refuse rather than write it. One ``state_dict()``
+    walk per save finds them (cheap next to writing the tensors).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class Counter(nn.Linear):
+    ...     def get_extra_state(self):
+    ...         return {"steps": 3}
+    >>> ms = ModelState.new(Counter(2, 2))
+    >>> check_no_extra_state(ms, ms._idx())
+    Traceback (most recent call last):
+    ValueError: save: the model's state_dict() holds 1 entry that is not parameters or buffers: \
+    `_extra_state` (from Counter)...
+    """
+    module = ms.module
+    if module is None:
+        return
+    known = set(index.order)
+    extra = [key for key in module.state_dict(keep_vars=True) if key not in known]
+    if not extra:
+        return
+    owners: dict[str, str] = {}
+    for prefix, sub in module.named_modules():
+        owners[prefix + "." if prefix else ""] = sub._get_name()
+    kinds = sorted({owners.get(_owner(key, owners), module._get_name()) for key in extra})
+    shown = ", ".join(f"`{key}`" for key in extra[:8])
+    more = f" (and {len(extra) - 8} more)" if len(extra) > 8 else ""
+    msg = (
+        f"save: the model's state_dict() holds {len(extra)} "
+        f"{'entry that is' if len(extra) == 1 else 'entries that are'} not parameters or "
+        f"buffers: {shown}{more} (from {', '.join(kinds)}). A checkpoint stores parameters "
+        "and buffers only, so these would be lost (quantised weights, get_extra_state, a "
+        "custom _save_to_state_dict or a state-dict hook).\n"
+        "  fix: save such a model with the tool that made it (e.g. torch.save of its "
+        "state_dict() for quantised models), or convert it to plain parameters first"
+    )
+    raise ValueError(msg)
+
+
+def _owner(key: str, owners: Mapping[str, str]) -> str:
+    """The prefix of the deepest module that holds `key`."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:n]) + "." if n else ""
+        if prefix in owners:
+            return prefix
+    return ""
 
 
 def read_entry(ckpt: Checkpoint) -> Saved:
