@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -58,14 +56,16 @@ def ckpt(tmp_path: Path) -> Path:
 
 
 def test_inspect_prints_totals_modules_frozen_flags_and_ties(ckpt: Path) -> None:
-    """The text summary: Axon-style totals as plain integers, a module table, ties, frozen flags."""
+    """The text summary: parameters apart from state, the Axon total, a module table, ties."""
     result = run("inspect", ckpt)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Parameters: 27 (112 B)" in out  # 8 + 2 + 4 + 4 * 3 + 1: dec.weight is tied
-    assert "Trainable Parameters: 14 (56 B)" in out
-    assert "Tensors: 8 stored, 1 tied" in out
-    assert "float32 (7 tensors" in out and "int64 (1 tensors" in out
+    # 8 + 2 + 4 + 3 + 3 parameters (dec.weight is tied), 3 + 3 + 1 state; bn is frozen
+    assert "Parameters:       20 (80 B); trainable 14 (56 B), frozen 6 (24 B)" in out
+    assert "State (buffers):  7 (32 B); trainable 0 (0 B)" in out
+    assert "Total:            27 (112 B): parameters and state" in out
+    assert "Tensors:          8 stored, 1 tied" in out
+    assert "float32 (7 tensors, 26 elements, 104 B), int64 (1 tensor, 1 element, 8 B)" in out
     rows = {line.split()[0]: re.split(r"\s{2,}", line) for line in out.splitlines()[-3:]}
     assert rows["dec"][-1] == "weight = transpose(enc.weight)"
     assert rows["bn"][4] == "yes" and rows["enc"][4] == "no"
@@ -201,8 +201,9 @@ def test_merge_needs_one_weight_per_input(
 ) -> None:
     """A weight count that does not match the inputs is an error."""
     args = ["merge", str(ckpt), str(ckpt), "-o", str(tmp_path / "o.safetensors"), "--weights", "1"]
-    assert cli.main(args) == 1
-    assert "give one weight per input" in capsys.readouterr().err
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--weights: give one weight per input; expected: 2 weights (one per IN); got: 1" in err
 
 
 def test_merge_keeps_low_precision_dtypes(
@@ -267,49 +268,9 @@ def test_inspect_a_file_from_another_tool(
     save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "x.safetensors")
     assert cli.main(["inspect", str(tmp_path / "x.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "no torch_modelstate metadata" in out and "Parameters: 4 (16 B)" in out
+    assert "no torch_modelstate metadata" in out and "Total:            4 (16 B)" in out
+    assert "every tensor counts as a parameter" in out and "format" not in out
     assert re.split(r"\s{2,}", out.splitlines()[-1])[4] == "?"
-
-
-def test_progress_bar_off_a_terminal_prints_a_line_per_tenth() -> None:
-    """Without a terminal the bar prints whole lines, at most one per 10%."""
-    stream = io.StringIO()
-    bar = cli.ProgressBar("merge", stream=stream)
-    for done in range(0, 101, 5):
-        bar(done, 100)
-    bar.close()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 11 and lines[-1].startswith("merge [" + "#" * 30 + "] 100%")
-
-
-def test_demo_is_delegated_with_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`demo` calls torch_modelstate._demo.main with the parsed options, its own included."""
-    seen: list[object] = []
-    fake = types.ModuleType("torch_modelstate._demo")
-
-    def add_arguments(parser: object) -> None:
-        parser.add_argument("--steps", type=int)  # type: ignore[attr-defined]
-        parser.add_argument("--fast", action="store_true")  # type: ignore[attr-defined]
-
-    fake.add_arguments = add_arguments  # type: ignore[attr-defined]
-    fake.main = lambda args: seen.append(args) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torch_modelstate._demo", fake)
-    assert cli.main(["demo", "--steps", "3", "--fast"]) == 0
-    [args] = seen
-    assert args.steps == 3 and args.fast is True  # type: ignore[attr-defined]
-
-
-def test_demo_without_add_arguments_gets_the_default_options(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A demo module without its own options receives --steps, --out and --seed."""
-    seen: list[object] = []
-    fake = types.ModuleType("torch_modelstate._demo")
-    fake.main = lambda args: seen.append(args) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torch_modelstate._demo", fake)
-    assert cli.main(["demo", "--steps", "2", "--out", "d", "--seed", "5"]) == 0
-    [args] = seen
-    assert (args.steps, args.out, args.seed) == (2, "d", 5)  # type: ignore[attr-defined]
 
 
 def test_merge_refuses_inputs_tied_differently(
@@ -345,5 +306,125 @@ def test_merge_weights_must_not_sum_to_zero(
         "1",
         "-1",
     ]
-    assert cli.main(args) == 1
-    assert "non-zero sum" in capsys.readouterr().err
+    assert cli.main(args) == 2
+    assert "--weights: the weights must be finite numbers with a non-zero sum" in (
+        capsys.readouterr().err
+    )
+
+
+# ------------------------------------------------------------- inspect (issues 8 and 12)
+
+
+def test_inspect_one_shard_says_so_and_shows_it_as_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One shard beside its index is a good file: named as a shard, its own tensors shown."""
+    tms.save(model(), tmp_path, max_shard_size=40)
+    shard = sorted(tmp_path.glob("model-*-of-*.safetensors"))[0]
+    assert cli.main(["inspect", str(shard)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "malformed" not in out + captured.err and "re-save" not in out + captured.err
+    assert "one shard (1 of 3) of a sharded checkpoint" in out
+    assert f"listed by {tmp_path / 'model.safetensors.index.json'}" in out
+    assert cli.main(["inspect", str(shard), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    stored = tms.load(tmp_path).to_dict()
+    keys = [t["key"] for t in info["tensors"]]
+    assert keys and set(keys) < set(stored)  # a subset: this shard's tensors only
+    assert info["shard"]["number"] == 1 and info["shard"]["of"] == 3
+    assert info["total"]["elements"] == sum(stored[k].numel() for k in keys)
+    assert info["frozen_known"] is True  # from the checkpoint's metadata, via the index
+
+
+def test_inspect_a_lone_shard_without_its_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard copied away from its index is recognised by its name, its tensors shown."""
+    tms.save(model(), tmp_path / "sharded", max_shard_size=40)
+    lone = tmp_path / "model-00002-of-00003.safetensors"
+    lone.write_bytes((tmp_path / "sharded" / lone.name).read_bytes())
+    assert cli.main(["inspect", str(lone)]) == 0
+    out = capsys.readouterr().out
+    assert "one shard (2 of 3) of a sharded checkpoint" in out
+    assert "no index beside it" in out and "malformed" not in out
+
+
+def test_inspect_a_shard_named_otherwise_but_listed_by_an_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard with a custom name is recognised because a sibling index lists it."""
+    tms.save(model(), tmp_path, max_shard_size=40)
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    old = sorted(set(data["weight_map"].values()))[0]
+    (tmp_path / old).rename(tmp_path / "part-a.safetensors")
+    data["weight_map"] = {
+        k: "part-a.safetensors" if v == old else v for k, v in data["weight_map"].items()
+    }
+    index.write_text(json.dumps(data))
+    assert cli.main(["inspect", str(tmp_path / "part-a.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "one shard of a sharded checkpoint" in out and "listed by" in out
+
+
+def test_inspect_uses_thousands_separators_and_short_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Large counts read as 1,234,567 (1.2M), as PyTorch tools print them."""
+    tms.save({"emb": {"weight": torch.zeros(1000, 1235)}}, tmp_path / "big.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "big.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "Parameters:       1,235,000 (1.2M, 4.94 MB)" in out
+    assert "float32 (1 tensor, 1,235,000 elements, 4.94 MB)" in out
+    assert re.search(r"emb\s+1\s+1,235,000\s+4\.94 MB", out)
+
+
+def test_inspect_never_prints_format_question_mark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file without `format` metadata is described without a "format ?" placeholder."""
+    save_file({"w": torch.zeros(3)}, tmp_path / "x.safetensors", metadata={})
+    assert cli.main(["inspect", str(tmp_path / "x.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "?" not in out.split("\n\n")[0] and "format" not in out
+
+
+def test_inspect_tensors_lists_key_shape_dtype(
+    ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tensors lists every stored tensor with its shape, dtype, kind and frozen flag."""
+    assert cli.main(["inspect", str(ckpt), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split()[0]: re.split(r"\s{2,}", line)
+        for line in out.split("\nkey ")[1].splitlines()[1:]
+    }
+    assert rows["enc.weight"][1:5] == ["[2, 4]", "float32", "parameter", "no"]
+    assert rows["bn.num_batches_tracked"][1:5] == ["[]", "int64", "state", "yes"]
+    assert "dec.weight = transpose(enc.weight)" in out
+
+
+def test_inspect_help_states_the_depth_default_and_an_example(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`inspect --help` says what --depth does by default and shows examples."""
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: all depths; 1: the outermost modules)" in text
+    assert "examples: torch-modelstate inspect model.safetensors" in text
+    assert "--tensors" in text
+
+
+def test_multi_line_library_messages_keep_their_parts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A message of several lines is one line on stderr with its parts joined by '; '."""
+    save_file({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(2, dtype=torch.float16)}, tmp_path / "b.safetensors")
+    args = ["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    assert cli.main([*args, "-o", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "differs from" in err and "; expected: float32 (2,); got: float16 (2,)" in err

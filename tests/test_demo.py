@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import ast
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_modelstate import _demo
+from torch_modelstate import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6  # enough for every check; the default run takes 300
@@ -47,22 +47,26 @@ def _assert_passed(report: str) -> None:
 
 def test_demo_passes_every_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A short run exits 0, prints a PASS line per check and keeps its checkpoint in --out."""
-    status = _demo.main(argparse.Namespace(steps=STEPS, out=str(tmp_path / "ckpt"), seed=0))
+    (tmp_path / "ckpt").mkdir()
+    status = demo.main(steps=STEPS, out=str(tmp_path / "ckpt"), seed=0)
     captured = capsys.readouterr()
     assert status == 0, captured.out
     _assert_passed(captured.out)
     assert "ModelState<" in captured.out
     assert (tmp_path / "ckpt" / "demo.safetensors").is_file()
-    assert "pretrain" in captured.err and "fine-tune" in captured.err  # the progress bars
+    # The shared progress bar, off a terminal: a few lines per phase, not one per step.
+    bars = captured.err.splitlines()
+    assert any("pretrain" in line for line in bars) and any("fine-tune" in line for line in bars)
+    assert len(bars) <= 8 and all("[" in line and "loss" in line for line in bars)
 
 
 def test_demo_is_deterministic_for_a_seed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One seed gives the same losses, samples and checks twice; another seed differs."""
-    first = _demo.run(3, 7, str(tmp_path))
-    second = _demo.run(3, 7, str(tmp_path))
-    other = _demo.run(3, 8, str(tmp_path))
+    first = demo.run(3, 7, str(tmp_path))
+    second = demo.run(3, 7, str(tmp_path))
+    other = demo.run(3, 8, str(tmp_path))
     capsys.readouterr()
     assert first.losses == second.losses
     assert first.samples == second.samples
@@ -77,36 +81,9 @@ def test_demo_leaves_the_global_random_state_alone(
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    assert _demo.main(argparse.Namespace(steps=1, out=str(tmp_path), seed=0)) == 0
+    assert demo.main(steps=1, out=str(tmp_path), seed=0) == 0
     capsys.readouterr()
     assert torch.equal(torch.rand(3), expected)
-
-
-def test_demo_reports_an_unusable_out_directory(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """An --out that is a file is one line on stderr and exit status 2, before any training."""
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    status = _demo.main(argparse.Namespace(steps=1, out=str(blocker / "sub"), seed=0))
-    captured = capsys.readouterr()
-    assert status == 2
-    assert captured.out == ""
-    assert captured.err.count("\n") == 1
-    assert "--out" in captured.err
-
-
-def test_demo_defines_its_command_line_options() -> None:
-    """`add_arguments` gives --steps (a positive integer), --out and --seed."""
-    parser = argparse.ArgumentParser()
-    _demo.add_arguments(parser)
-    args = parser.parse_args([])
-    assert (args.steps, args.out, args.seed) == (None, None, 0)
-    args = parser.parse_args(["--steps", "5", "--out", "d", "--seed", "3"])
-    assert (args.steps, args.out, args.seed) == (5, "d", 3)
-    for bad in ("0", "-1", "x"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["--steps", bad])
 
 
 def test_demo_command_runs_as_a_subprocess(tmp_path: Path) -> None:
@@ -155,3 +132,34 @@ def test_quickstart_example_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Trainable Parameters: 1120 (4.48 KB)" in result.stdout
+
+
+def test_demo_uses_only_the_public_api() -> None:
+    """The demo package imports `torch_modelstate` as a user does (and the shared progress bar)."""
+    allowed = {"torch_modelstate", "torch_modelstate._progress"}
+    package = ROOT / "torch_modelstate" / "demo"
+    seen: set[str] = set()
+    for file in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                if name.startswith("torch_modelstate") and not name.startswith(
+                    "torch_modelstate.demo"
+                ):
+                    seen.add(name)
+                    assert name in allowed, f"{file.name} imports {name}"
+                if isinstance(node, ast.ImportFrom) and name == "torch_modelstate":
+                    assert all(not a.name.startswith("_") for a in node.names), file.name
+    assert "torch_modelstate" in seen
+
+
+def test_demo_rejects_steps_below_one() -> None:
+    """`demo.main(steps=0)` is a ValueError naming `steps`, before any training."""
+    with pytest.raises(ValueError, match="`steps` must be a positive integer, got 0"):
+        demo.main(steps=0)

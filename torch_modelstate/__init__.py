@@ -9,6 +9,7 @@
 ['2.bias', '2.weight']
 """
 
+from torch_modelstate import _quiet_torch  # noqa: F401  (first: imports torch for the CLI)
 from torch_modelstate import io as io
 from torch_modelstate import merges as merges
 from torch_modelstate import optim as optim
