@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from torch_modelstate import _tie
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointError
@@ -104,8 +104,8 @@ def check_no_extra_state(ms: ModelState, index: Index) -> None:
         return
     owners: dict[str, str] = {}
     for prefix, sub in module.named_modules():
-        owners[prefix + "." if prefix else ""] = sub._get_name()
-    kinds = sorted({owners.get(_owner(key, owners), module._get_name()) for key in extra})
+        owners[prefix + "." if prefix else ""] = _class_name(sub)
+    kinds = sorted({owners.get(_owner(key, owners), _class_name(module)) for key in extra})
     shown = ", ".join(f"`{key}`" for key in extra[:8])
     more = f" (and {len(extra) - 8} more)" if len(extra) > 8 else ""
     msg = (
@@ -118,6 +118,12 @@ def check_no_extra_state(ms: ModelState, index: Index) -> None:
         "state_dict() for quantised models), or convert it to plain parameters first"
     )
     raise ValueError(msg)
+
+
+def _class_name(module: nn.Module) -> str:
+    """The name a module prints as (``DynamicQuantizedLinear``, not its class ``Linear``)."""
+    name: str = module._get_name()  # type: ignore[no-untyped-call]
+    return name
 
 
 def _owner(key: str, owners: Mapping[str, str]) -> str:
