@@ -45,6 +45,7 @@ __all__ = [
     "full",
     "local_pairs",
     "local_slice",
+    "rebuild",
     "to_local",
 ]
 
@@ -124,7 +125,8 @@ _KNOWN: dict[str, type[BaseException]] = {
 }
 
 
-def _rebuild(name: str, message: str) -> BaseException:
+def rebuild(name: str, message: str) -> BaseException:
+    """An exception of the builtin or library class named `name` (else RuntimeError)."""
     cls = _KNOWN.get(name, RuntimeError)
     try:
         return cls(message)
@@ -172,4 +174,4 @@ def agreement(tensors: Iterable[Tensor]) -> Iterator[None]:
         assert error is not None
         raise error
     name, message = json.loads(bytes(data.tolist()).decode())
-    raise _rebuild(name, message)  # the same error as on the rank that failed
+    raise rebuild(name, message)  # the same error as on the rank that failed
