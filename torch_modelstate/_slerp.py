@@ -7,9 +7,10 @@ Each tensor is treated as one flat vector (as mergekit does): the angle between 
 whose norm is at most ``1e-8`` is left unnormalised, as in mergekit.
 
 Tensors are processed in chunks of about `CHUNK` elements per (device, dtype): a chunk is
-concatenated into one flat fp32 buffer per side, and the dot products and norms of all its
-tensors come from one ``segment_reduce`` each, so the work is a handful of kernels per chunk
-whatever the number of tensors. Results are written through `_kernels.copy_`.
+concatenated into one flat fp32 buffer per side (fp64 for fp64 tensors), and the dot
+products and norms of all its tensors come from one ``segment_reduce`` each, so the work
+is a handful of kernels per chunk whatever the number of tensors. Results are written
+through `_kernels.copy_`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], 
         yield chunk_l, chunk_r
 
 
-def _flat(tensors: list[Tensor], device: torch.device) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).to(device, torch.float32) for t in tensors])
+def _flat(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).to(device, dtype) for t in tensors])
 
 
 def _coefficients(a: Tensor, b: Tensor, lengths: Tensor, t: float) -> tuple[Tensor, Tensor]:
@@ -62,14 +63,15 @@ def _coefficients(a: Tensor, b: Tensor, lengths: Tensor, t: float) -> tuple[Tens
     safe = torch.where(parallel, torch.ones_like(sin), sin)
     w0 = torch.where(parallel, 1.0 - t, torch.sin((1.0 - t) * theta) / safe)
     w1 = torch.where(parallel, t, torch.sin(t * theta) / safe)
-    return w0.to(torch.float32), w1.to(torch.float32)
+    return w0.to(a.dtype), w1.to(a.dtype)
 
 
 def _values(ls: list[Tensor], rs: list[Tensor], t: float) -> list[Tensor]:
-    """The slerp of each pair as fp32 views of one flat buffer, shaped as lhs."""
+    """The slerp of each pair as views of one flat buffer (fp32, or fp64 for fp64 lhs)."""
     device = ls[0].device
-    a = _flat(ls, device)
-    b = _flat(rs, device)
+    work = torch.float64 if ls[0].dtype == torch.float64 else torch.float32
+    a = _flat(ls, device, work)
+    b = _flat(rs, device, work)
     sizes = [x.numel() for x in ls]
     lengths = torch.tensor(sizes, device=device)
     w0, w1 = _coefficients(a, b, lengths, t)
