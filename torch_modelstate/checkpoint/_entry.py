@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from torch_modelstate import _tie
+from torch_modelstate import _ties
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointError
 from torch_modelstate._index import Index
 from torch_modelstate._state import ModelState
@@ -222,11 +222,11 @@ def transform(file: Path, dest: str, name: str | None) -> Callable[[Tensor], Ten
     """The registered transform `name` of the tie `dest` (never evaluated from the file)."""
     if name is None:
         return None
-    fn = _tie.registered_transforms().get(name)
+    fn = _ties.registered_transforms().get(name)
     if fn is None:
         msg = (
             f"{file}: the tie `{dest}` uses the transform {name!r}, which is not registered here.\n"
-            f"  registered: {sorted(_tie.registered_transforms())}\n"
+            f"  registered: {sorted(_ties.registered_transforms())}\n"
             f"  fix: call torch_modelstate.register_transform({name!r}, fn) before loading"
         )
         raise CheckpointError(msg)

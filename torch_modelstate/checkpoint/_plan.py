@@ -7,17 +7,17 @@ what loading will do (a `Plan`, whose `report` is what `check` returns); it rais
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from torch_modelstate import _kernels, _tie
+from torch_modelstate import _kernels, _ties
 from torch_modelstate._errors import CheckpointError, CheckpointMismatchError
 from torch_modelstate._index import Index, Leaf
 from torch_modelstate._state import ModelState
+from torch_modelstate._ties import Transform
 from torch_modelstate.checkpoint._codec import TensorInfo
 from torch_modelstate.checkpoint._entry import Saved, transform
 from torch_modelstate.checkpoint._files import Checkpoint
@@ -96,7 +96,7 @@ def make_plan(
             continue
         if source not in in_target:
             continue  # the source is unexpected; `dest` shows up as missing
-        if _tie_needed(file, ms, index, dest, source, name, fn):
+        if _tie_needed(file, index, dest, source, name, fn):
             new_ties.append((dest, source, name))
     becoming = {dest for dest, _, _ in new_ties}
 
@@ -169,66 +169,31 @@ def make_plan(
 
 
 def _tie_needed(
-    file: Path,
-    ms: ModelState,
-    index: Index,
-    dest: str,
-    source: str,
-    name: str | None,
-    fn: Callable[[Tensor], Tensor] | None,
+    file: Path, index: Index, dest: str, source: str, name: str | None, fn: Transform | None
 ) -> bool:
-    """Whether the file's tie must be made in the target; raise if it cannot be."""
+    """Whether the file's tie must be made in the target; raise if it cannot be.
 
-    def refuse(problem: str, fix: str) -> CheckpointMismatchError:
-        return CheckpointMismatchError(
-            f"{file}: the file ties `{dest}` to {what}, {problem}.\n  fix: {fix}"
-        )
-
+    The rules are `ModelState.tie`'s own (`_ties.check_tie`); a tie that is already there,
+    either way round, needs nothing.
+    """
+    check = _ties.check_tie(index, dest, source, fn, name)
+    if check.exists or check.reverse:
+        return False
+    if check.problem is None:
+        return True
     what = f"`{source}`" if name is None else f"{name}(`{source}`)"
-    src_leaf = index.by_key.get(source)
-    existing = index.ties.get(dest)
-    if src_leaf is None:
-        raise refuse(
-            f"but the target computes `{source}` from a tie of its own", f"untie `{source}` first"
+    theirs = index.ties.get(dest)
+    if theirs is not None:
+        them = f"`{theirs.source}`" if theirs.fn is None else f"{theirs.fn_name}(`{theirs.source}`)"
+        msg = (
+            f"{file}: the file ties `{dest}` to {what}, but the target ties it to {them}.\n"
+            f"  fix: untie `{dest}` in the target first"
         )
-    root = src_leaf.key
-    if existing is not None:
-        if (
-            existing.source == root
-            and existing.fn_name == name
-            and (existing.fn is None) == (fn is None)
-        ):
-            return False
-        theirs = (
-            f"`{existing.source}`"
-            if existing.fn is None
-            else f"{existing.fn_name}(`{existing.source}`)"
-        )
-        raise refuse(f"but the target ties it to {theirs}", f"untie `{dest}` in the target first")
-    if root == dest:
-        if fn is None:
-            return False  # one tensor in both, named the other way round
-        raise refuse(
-            "but they are one tensor in the target", f"untie `{source}` in the target first"
-        )
-    dependents = sorted(d for d, t in index.ties.items() if t.source == dest)
-    if dependents:
-        raise refuse(
-            f"but `{dest}` is the source of the target's ties ({', '.join(dependents)})",
-            "untie those first",
-        )
-    dest_leaf = index.by_key[dest]
-    if ms.module is not None and not (dest_leaf.is_param and src_leaf.is_param):
-        raise refuse(
-            "but only parameters can be tied in a module", "make both parameters in the target"
-        )
-    if dest_leaf.is_param != src_leaf.is_param:
-        raise refuse("but one is a parameter and the other state in the target", "align the target")
-    try:
-        _tie._check_compatible(dest, dest_leaf.tensor, root, src_leaf.tensor, fn)
-    except (ValueError, TypeError) as err:
-        raise refuse("which does not fit the target", str(err).replace("\n", " ")) from None
-    return True
+        raise CheckpointMismatchError(msg)
+    text = check.problem.text.replace("\n", "\n  ")
+    fix = f"\n  fix: {check.problem.fix}" if check.problem.fix else ""
+    msg = f"{file}: the file ties `{dest}` to {what}, which does not fit the target: {text}{fix}"
+    raise CheckpointMismatchError(msg)
 
 
 def verify_pairs(ckpt: Checkpoint, pairs: Sequence[tuple[TensorInfo, TensorInfo]]) -> None:
