@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter
 from typing import Any, TypeAlias
@@ -49,12 +49,27 @@ class ModelState:
       Trainable Parameters: 18 (72 B)
       Trainable State: 9 (40 B)
     >
+
+    It reads like a read-only mapping over `to_dict`'s keys: ``ms["key"]`` is the live
+    tensor (tie destinations resolved), ``"key" in ms``, ``len(ms)`` and ``iter(ms)`` (keys
+    in module order). Build one with `new` (``ModelState(model)`` is a `TypeError`).
+
+    >>> ms["0.bias"] is model[0].bias, "1.running_mean" in ms, len(ms), list(ms)[:2]
+    (True, True, 9, ['0.weight', '0.bias'])
+    >>> try:
+    ...     ms["0.bais"]
+    ... except KeyError as err:
+    ...     print(err)
+    ModelState['0.bais']: unknown key; the model has no such parameter or state.
+      did you mean: 0.bias, 2.bias, 1.bias
     """
 
     __slots__ = ("_entries", "_frozen", "_index", "_module", "_state_keys")
 
-    def __init__(self) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         # Use `ModelState.new` or `ModelState.empty`; this makes an empty standalone state.
+        if args or kwargs:
+            _refuse_constructor_arguments(args, kwargs)
         self._module: nn.Module | None = None
         self._entries: dict[str, Tensor | Tie] = {}
         self._state_keys: set[str] = set()
@@ -607,6 +622,36 @@ class ModelState:
         if values:
             self.update(values)
 
+    # ----------------------------------------------------------------- mapping access
+
+    def __getitem__(self, key: KeyLike) -> Tensor:
+        """The live tensor under `key` (a key or a path); tie destinations resolved as in
+        `to_dict`: an identity destination is its source's tensor, a transform destination
+        is computed now (detached). An unknown key is a `KeyError` with a "did you mean"."""
+        name = key if isinstance(key, str) else to_key(key)
+        index = self._idx()
+        leaf = index.by_key.get(name)
+        if leaf is not None:
+            return leaf.tensor
+        tie = index.ties.get(name)
+        if tie is not None and tie.fn is not None:
+            return tie.fn(index.by_key[tie.source].tensor).detach()
+        msg = f"ModelState[{name!r}]: unknown key; the model has no such parameter or state."
+        raise KeyNotFoundError(msg + index.did_you_mean(name))
+
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is one of `to_dict`'s keys (tie destinations included)."""
+        index = self._idx()
+        return isinstance(key, str) and (key in index.by_key or key in index.ties)
+
+    def __len__(self) -> int:
+        """The number of keys in `to_dict` (tie destinations included)."""
+        return len(self._idx().order)
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys in `to_dict` order (module order, tie destinations included)."""
+        return iter(list(self._idx().order))
+
     # ----------------------------------------------------------------- repr
 
     def __repr__(self) -> str:
@@ -630,6 +675,17 @@ class ModelState:
             f"  Trainable State: {state[0]} ({format_bytes(state[1])})\n"
             ">"
         )
+
+
+def _refuse_constructor_arguments(args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    given = type(args[0]).__name__ if args else ", ".join(f"{k}=" for k in kwargs)
+    msg = (
+        "`ModelState(...)` takes no arguments: build a ModelState with `ModelState.new`.\n"
+        f"  got: ModelState({given})\n"
+        "  fix: `ModelState.new(model)` for a live view of an nn.Module (or of a dict of "
+        "tensors); `ModelState.empty()` for an empty one"
+    )
+    raise TypeError(msg)
 
 
 def format_bytes(n: int) -> str:
