@@ -24,6 +24,7 @@ from torch_modelstate._cli_paths import UsageError, check_merge_output, check_we
 from torch_modelstate._cli_render import render_inspect, render_tensors
 from torch_modelstate._describe import describe
 from torch_modelstate._progress import ProgressBar
+from torch_modelstate._slerp_files import check_slerp_args, slerp_files
 from torch_modelstate._state import format_bytes
 from torch_modelstate.checkpoint._average import average
 from torch_modelstate.checkpoint._layout import parse_size
@@ -147,9 +148,16 @@ def _parser() -> _Parser:
     )
     merge.add_argument(
         "--method",
-        choices=["mean"],
+        choices=["mean", "slerp"],
         default="mean",
-        help="how to combine: mean, the weighted average (default)",
+        help="how to combine: mean, the weighted average (default); slerp, the spherical "
+        "interpolation of two inputs at --t",
+    )
+    merge.add_argument(
+        "--t",
+        type=float,
+        metavar="T",
+        help="with --method slerp: 0 is the first input, 1 the second (default 0.5)",
     )
     merge.add_argument(
         "--max-shard-size",
@@ -259,6 +267,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     # Every check of the command line comes first: nothing is read, no bar is started.
     check_weights(args.weights, len(args.inputs))
+    check_slerp_args(args.method, len(args.inputs), args.t, args.weights)
     output = check_merge_output(
         args.inputs, args.output, sharded=args.max_shard_size is not None, force=args.force
     )
@@ -275,6 +284,12 @@ def _merge(args: argparse.Namespace) -> int:
                 progress=bar,
             )
             what = "weighted average" if args.weights else "average"
+        elif args.method == "slerp":
+            t = 0.5 if args.t is None else args.t
+            written = slerp_files(
+                args.inputs, output, t=t, max_shard_size=args.max_shard_size, progress=bar
+            )
+            what = f"slerp (t={t:g})"
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,81 @@
+"""`merge --method slerp`: two checkpoints interpolated on the arc, checked first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_modelstate as tms
+from torch_modelstate import ModelState, cli, merges
+from torch_modelstate._slerp_files import slerp_files
+
+
+def two(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    a = {"w": torch.randn(8, 8), "h": torch.randn(5).bfloat16(), "n": torch.tensor(3)}
+    b = {"w": torch.randn(8, 8), "h": torch.randn(5).bfloat16(), "n": torch.tensor(9)}
+    tms.save(a, tmp_path / "a.safetensors")
+    tms.save(b, tmp_path / "b.safetensors")
+    return tmp_path / "a.safetensors", tmp_path / "b.safetensors", a, b
+
+
+def test_slerp_of_two_files_equals_the_in_memory_merge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI writes what merges.slerp(t) gives in memory; integers from the first input."""
+    pa, pb, a, b = two(tmp_path)
+    out = tmp_path / "out.safetensors"
+    argv = ["merge", str(pa), str(pb), "-o", str(out), "--method", "slerp", "--t", "0.3", "-q"]
+    assert cli.main(argv) == 0
+    assert "slerp (t=0.3) of 2 checkpoints" in capsys.readouterr().out
+    expected = ModelState.new({k: v.clone() for k, v in a.items()})
+    expected.merge(b, merges.slerp(0.3, nonfloat="lhs"))
+    got = tms.load(out).to_dict()
+    for key, value in expected.to_dict().items():
+        assert got[key].dtype == value.dtype
+        assert torch.equal(got[key], value), key
+
+
+def test_slerp_defaults_to_the_midpoint(tmp_path: Path) -> None:
+    """Without --t, t is 0.5."""
+    pa, pb, a, b = two(tmp_path)
+    out = slerp_files([pa, pb], tmp_path / "mid.safetensors")
+    expected = merges.slerp(0.5)(["w"], a["w"], b["w"])
+    assert torch.equal(tms.load(out).to_dict()["w"], expected)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "slerp", "c"], "--method slerp: interpolates exactly two checkpoints"),
+        (["--method", "slerp", "--weights", "1", "2"], "--weights: --method slerp takes --t"),
+        (["--t", "0.3"], "--t: only --method slerp takes it"),
+        (["--method", "slerp", "--t", "nan"], "--t: must be a finite number"),
+    ],
+)
+def test_slerp_command_lines_are_checked_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    """Usage errors exit with status 2, name the flag, and write nothing."""
+    pa, pb, _, _ = two(tmp_path)
+    (tmp_path / "c").write_bytes(b"")
+    inputs = [str(pa), str(pb)]
+    if "c" in extra:
+        extra = [e for e in extra if e != "c"]
+        inputs.append(str(tmp_path / "c"))
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["merge", *inputs, "-o", str(out), *extra, "-q"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_slerp_of_mismatched_files_is_refused(tmp_path: Path) -> None:
+    """Different shapes are a CheckpointMismatchError, as for the mean."""
+    tms.save({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    tms.save({"w": torch.ones(3)}, tmp_path / "b.safetensors")
+    with pytest.raises(tms.CheckpointMismatchError):
+        slerp_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "o")
+    with pytest.raises(ValueError, match="exactly two"):
+        slerp_files([tmp_path / "a.safetensors"], tmp_path / "o")
