@@ -45,8 +45,11 @@ def problems(writes: Sequence[tuple[str, TensorInfo, Tensor]]) -> list[str]:
     if writable is not None:
         starts = [lo for lo, _ in writable]
         for key, dst in cpu:
-            storage = dst.untyped_storage()
-            lo = storage.data_ptr()
+            try:
+                storage = dst.untyped_storage()
+                lo = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # a subclass without plain storage
+                continue
             hi = lo + storage.nbytes()
             i = bisect.bisect_right(starts, lo) - 1
             if i < 0 or writable[i][1] < hi:
