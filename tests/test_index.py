@@ -1,0 +1,241 @@
+"""The index: kept with its module, stale by identity only, and wrappers seen through."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import Tensor, nn
+
+import torch_modelstate as tms
+from torch_modelstate import ModelState
+
+
+class Net(nn.Module):
+    """Two layers and a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.bn(self.a(x)))
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+PLAIN_KEYS = list(net().state_dict())
+X = torch.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[None]:
+    """A one-process gloo group (file:// rendezvous, no ports), destroyed afterwards."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- staleness by identity
+
+
+def test_child_replaced_through_modules_is_followed() -> None:
+    """After ``parent._modules[name] = prebuilt``, update writes the new child, not the old."""
+    model = net()
+    prebuilt = nn.Linear(3, 2)
+    ms = ModelState.new(model)
+    ms.to_dict()
+    old = model.b
+    before = old.bias.detach().clone()
+    model._modules["b"] = prebuilt
+    ms.update({"b.bias": torch.ones(2)})
+    assert torch.equal(prebuilt.bias, torch.ones(2))
+    assert torch.equal(old.bias, before)
+    assert ms["b.bias"] is prebuilt.bias
+
+
+def test_parameter_replaced_in_place_is_followed() -> None:
+    """A parameter object replaced under its name (as fully_shard or to_empty do) is followed."""
+    model = net()
+    ms = ModelState.new(model)
+    ms.to_dict()
+    fresh = nn.Parameter(torch.zeros(3))
+    model.a._parameters["bias"] = fresh
+    assert ms["a.bias"] is fresh
+    ms.update({"a.bias": torch.ones(3)})
+    assert torch.equal(fresh, torch.ones(3))
+
+
+def test_parameter_set_from_none_is_followed() -> None:
+    """A parameter slot that held None and now holds a tensor appears in the view."""
+    model = net()
+    model.b = nn.Linear(3, 2, bias=False)
+    model.b.register_parameter("bias", None)
+    ms = ModelState.new(model)
+    assert "b.bias" not in ms.to_dict()
+    model.b._parameters["bias"] = nn.Parameter(torch.zeros(2))
+    assert "b.bias" in ms.to_dict()
+
+
+def test_buffer_re_registered_as_non_persistent_leaves_the_state() -> None:
+    """Re-registering a buffer as non-persistent (the same tensor) removes it from the view."""
+    model = net()
+    ms = ModelState.new(model)
+    assert "bn.running_mean" in ms.state()
+    model.bn.register_buffer("running_mean", model.bn.running_mean, persistent=False)
+    assert "bn.running_mean" not in ms.state()
+    assert list(ms.to_dict()) == list(model.state_dict())
+
+
+def test_buffer_replaced_by_assignment_is_followed() -> None:
+    """A buffer replaced by assignment (``self.n = self.n + 1``) is the one the view returns."""
+    model = net()
+    ms = ModelState.new(model)
+    ms.to_dict()
+    model.bn.num_batches_tracked = model.bn.num_batches_tracked + 1
+    assert ms["bn.num_batches_tracked"] is model.bn.num_batches_tracked
+
+
+# --------------------------------------------------------------------------- scoped and kept
+
+
+def test_views_of_one_module_share_its_index() -> None:
+    """`ModelState.new(model)` at every step reuses the index kept with the model."""
+    model = net()
+    first = ModelState.new(model)._idx()
+    assert ModelState.new(model)._idx() is first
+    assert ModelState.new(model).to_dict() == ModelState.new(model).to_dict()
+    assert ModelState.new(model)._idx() is first
+
+
+def test_assignment_in_an_unrelated_module_keeps_the_index() -> None:
+    """A buffer or parameter assigned in another model invalidates nothing here."""
+    model = net()
+    index = ModelState.new(model)._idx()
+    other = nn.Linear(2, 2)
+    other.register_buffer("n", torch.zeros(()))
+    other.n = other.n + 1
+    other.weight = nn.Parameter(torch.zeros(2, 2))
+    nn.Linear(5, 5)
+    assert index.is_current()
+    assert ModelState.new(model)._idx() is index
+
+
+def test_assignment_in_the_model_makes_its_index_stale() -> None:
+    """A buffer replaced inside the model makes its index stale, and only its own."""
+    model, other = net(), net()
+    index, other_index = ModelState.new(model)._idx(), ModelState.new(other)._idx()
+    model.bn.num_batches_tracked = model.bn.num_batches_tracked + 1
+    assert not index.is_current()
+    assert other_index.is_current()
+
+
+def test_a_kept_index_does_not_travel_with_copies() -> None:
+    """deepcopy and pickling of a viewed model give copies with their own tensors and keys."""
+    model = net()
+    ModelState.new(model).to_dict()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        view = ModelState.new(clone)
+        assert list(view.to_dict()) == PLAIN_KEYS
+        assert view["a.weight"] is clone.a.weight
+        assert list(clone.state_dict()) == PLAIN_KEYS
+
+
+def test_a_kept_index_does_not_enter_the_state_dict() -> None:
+    """The module's state_dict keys are unchanged by a view."""
+    model = net()
+    ModelState.new(model).to_dict()
+    assert list(model.state_dict()) == PLAIN_KEYS
+    model.load_state_dict(net().state_dict())
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def test_compiled_model_shows_the_plain_keys() -> None:
+    """`ModelState.new(torch.compile(m))` has m's keys and tensors, not `_orig_mod.` ones."""
+    model = net()
+    ms = ModelState.new(torch.compile(model, backend="eager"))
+    assert list(ms.to_dict()) == PLAIN_KEYS
+    assert ms.module is model
+    assert ms["a.weight"] is model.a.weight
+
+
+def test_save_of_a_compiled_model_writes_the_plain_keys(tmp_path: Path) -> None:
+    """`tms.save` of a compiled model writes the plain model's keys."""
+    model = net()
+    path = tmp_path / "model.safetensors"
+    tms.save(torch.compile(model, backend="eager"), path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(PLAIN_KEYS)
+    tms.load(path, into=torch.compile(net(), backend="eager"))
+
+
+def test_data_parallel_shows_the_plain_keys() -> None:
+    """DataParallel (on the CPU) is seen through: keys without `module.`."""
+    model = net()
+    ms = ModelState.new(nn.DataParallel(model))
+    assert list(ms.to_dict()) == PLAIN_KEYS
+    ms.freeze("a.**")
+    assert not model.a.weight.requires_grad
+
+
+def test_nested_wrappers_are_seen_through() -> None:
+    """A compiled DataParallel model is seen through both wrappers."""
+    model = net()
+    ms = ModelState.new(torch.compile(nn.DataParallel(model), backend="eager"))
+    assert ms.module is model
+
+
+def test_ddp_shows_the_plain_keys(one_rank: None) -> None:
+    """DistributedDataParallel (one gloo process) is seen through: keys without `module.`."""
+    model = net()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ms = ModelState.new(ddp)
+    assert list(ms.to_dict()) == PLAIN_KEYS
+    ms.update({"b.bias": torch.ones(2)})
+    assert torch.equal(model.b.bias, torch.ones(2))
+
+
+# --------------------------------------------------------------------------- meta, to_empty
+
+
+def test_to_empty_then_repairing_ties_with_tie() -> None:
+    """After to_empty of a meta model splits an identity tie, `tie` repairs it."""
+    with torch.device("meta"):
+        model = net()
+        model.b = nn.Linear(3, 3)
+    ms = ModelState.new(model).tie("b.weight", "a.weight")
+    assert ms.ties() == {"b.weight": "a.weight"}
+    model.to_empty(device="cpu")
+    assert ms.ties() == {}
+    ms.tie("b.weight", "a.weight")
+    assert model.b.weight is model.a.weight
+    assert model.a.weight.device.type == "cpu"
+    assert ms.ties() == {"b.weight": "a.weight"}
+
+
+def test_to_empty_keeps_transform_ties_and_their_devices() -> None:
+    """A transform tie made on the meta device computes on the CPU after to_empty."""
+    with torch.device("meta"):
+        model = nn.ModuleDict({"enc": nn.Linear(4, 3), "dec": nn.Linear(3, 4)})
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    model.to_empty(device="cpu")
+    assert ms.to_dict()["dec.weight"].device.type == "cpu"
+    ms.untie("dec.weight").tie("dec.weight", "enc.weight", "transpose")
+    assert torch.equal(model["dec"].weight, model["enc"].weight.t())
