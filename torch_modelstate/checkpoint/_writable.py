@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from torch_modelstate import _distributed
 from torch_modelstate.checkpoint._codec import TensorInfo, is_plain_cpu
 
 _MAPS = Path("/proc/self/maps")
@@ -40,7 +41,9 @@ def problems(writes: Sequence[tuple[str, TensorInfo, Tensor]]) -> list[str]:
                 "  fix: call the load inside `with torch.inference_mode():`, or build the "
                 "model outside inference mode"
             )
-    cpu = [(key, dst) for key, _, dst in writes if dst.device.type == "cpu" and dst.numel()]
+    # A DTensor's memory is its local shard.
+    locals_ = ((key, _distributed.to_local(dst)) for key, _, dst in writes)
+    cpu = [(key, dst) for key, dst in locals_ if dst.device.type == "cpu" and dst.numel()]
     writable = _writable_ranges() if cpu else None
     if writable is not None:
         starts = [lo for lo, _ in writable]
