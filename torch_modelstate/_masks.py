@@ -4,19 +4,30 @@ Every accepted form (``None``, a callable over list paths, a glob string, a comp
 list of these, or a combinator) is compiled once into a `Mask`, whose `Mask.select` decides
 all leaves in one pass. Glob strings and regexes are merged into one compiled regex, so a
 mask over ten thousand leaves costs one ``fullmatch`` per key.
+
+Strictness is a property of the compiled mask: `Mask.unmatched` names the strings written in
+it (keys and globs, wherever they sit in lists and combinators) that match none of a model's
+keys, and `Mask.check_strict` turns the first of them into a `KeyError` with a "did you mean".
+Callables and compiled regexes may select nothing. A leaf can carry *aliases* (the keys of tie
+destinations that are this very tensor): a string matches the leaf if it matches its key or
+any alias, while a callable sees the leaf's own path only, once.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeAlias, Union
 
-__all__ = ["Mask", "MaskLike", "all_of", "any_of", "compile_mask", "not_"]
+from torch_modelstate._errors import KeyNotFoundError
+
+__all__ = ["Aliases", "Mask", "MaskLike", "all_of", "any_of", "compile_mask", "not_"]
 
 MaskLike: TypeAlias = Union[  # a recursive alias needs Union's string forms
     "Mask", str, "re.Pattern[str]", Callable[[list[str]], bool], Sequence["MaskLike"], None
 ]
+# Leaf position -> other keys naming the same tensor (tie destinations).
+Aliases: TypeAlias = Mapping[int, Sequence[str]]
 
 
 class Mask:
@@ -24,9 +35,51 @@ class Mask:
 
     __slots__ = ()
 
-    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
-        """Decide every leaf at once; ``keys[i]`` and ``paths[i]`` name the same leaf."""
+    def select(
+        self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
+    ) -> list[bool]:
+        """Decide every leaf at once; ``keys[i]`` and ``paths[i]`` name the same leaf.
+
+        ``aliases[i]`` lists further keys of leaf ``i`` (tie destinations): a key or glob
+        that matches one of them selects the leaf; callables see only ``paths[i]``.
+        """
         return [self._one(key, path) for key, path in zip(keys, paths, strict=True)]
+
+    def strings(self) -> list[str]:
+        """The key and glob strings written in this mask, in order (regexes left out)."""
+        return []
+
+    def unmatched(self, keys: Sequence[str]) -> list[str]:
+        """The strings of this mask that match none of `keys`, in order.
+
+        >>> compile_mask(["**.bias", "head.wieght", lambda p: False]).unmatched(["head.bias"])
+        ['head.wieght']
+        """
+        return []
+
+    def check_strict(
+        self, keys: Sequence[str], did_you_mean: Callable[[str], str], verb: str
+    ) -> None:
+        """Raise a `KeyError` naming the first string of the mask that matches no key.
+
+        `did_you_mean` gives the hint line for a string (e.g. `Index.did_you_mean`).
+
+        >>> compile_mask("fc.wieght").check_strict(["fc.weight"], lambda s: "", "freeze")
+        Traceback (most recent call last):
+        ...
+        torch_modelstate._errors.KeyNotFoundError: freeze: the mask 'fc.wieght' matches no key...
+        """
+        missing = self.unmatched(keys)
+        if not missing:
+            return
+        text = missing[0]
+        msg = (
+            f"{verb}: the mask {text!r} matches no key of the model; every key or glob "
+            f"in a strict mask must match at least one key.{did_you_mean(text)}\n"
+            "  fix: correct the key or glob, or pass strict=False to allow strings that "
+            "match nothing"
+        )
+        raise KeyNotFoundError(msg)
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
         raise NotImplementedError
@@ -58,7 +111,9 @@ class Mask:
 class _Everything(Mask):
     __slots__ = ()
 
-    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+    def select(
+        self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
+    ) -> list[bool]:
         return [True] * len(keys)
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
@@ -76,20 +131,42 @@ class _Regex(Mask):
     is never joined with anything else.
     """
 
-    __slots__ = ("_pattern", "_sources")
+    __slots__ = ("_parts", "_pattern", "_sources")
 
     def __init__(self, sources: list[str] | re.Pattern[str]) -> None:
         if isinstance(sources, re.Pattern):
             self._sources: list[str] | re.Pattern[str] = sources
             self._pattern = sources
+            self._parts: list[str] = []
             return
         self._sources = sources
-        parts = [_glob_to_regex(s) for s in sources]
+        self._parts = [_glob_to_regex(s) for s in sources]
+        parts = self._parts
         self._pattern = re.compile(parts[0] if len(parts) == 1 else "|".join(parts))
 
-    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+    def select(
+        self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
+    ) -> list[bool]:
         fullmatch = self._pattern.fullmatch
-        return [fullmatch(key) is not None for key in keys]
+        hits = [fullmatch(key) is not None for key in keys]
+        if aliases and not isinstance(self._sources, re.Pattern):
+            for i, names in aliases.items():
+                if not hits[i]:
+                    hits[i] = any(map(fullmatch, names))
+        return hits
+
+    def strings(self) -> list[str]:
+        return [] if isinstance(self._sources, re.Pattern) else list(self._sources)
+
+    def unmatched(self, keys: Sequence[str]) -> list[str]:
+        if isinstance(self._sources, re.Pattern):
+            return []
+        # `filter` runs `fullmatch` from C and stops at the first key that matches.
+        return [
+            source
+            for source, part in zip(self._sources, self._parts, strict=True)
+            if next(filter(re.compile(part).fullmatch, keys), None) is None
+        ]
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
         return self._pattern.fullmatch(key) is not None
@@ -129,20 +206,28 @@ class _AnyOf(Mask):
     def __init__(self, masks: list[Mask]) -> None:
         self._masks = masks
 
-    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+    def select(
+        self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
+    ) -> list[bool]:
         if not self._masks:
             return [False] * len(keys)
-        chosen = self._masks[0].select(keys, paths)
+        chosen = self._masks[0].select(keys, paths, aliases)
         for mask in self._masks[1:]:
             # Only ask the next mask about leaves not chosen yet: each callable runs at most
             # once per leaf, as with short-circuit `or`.
             rest = [i for i, hit in enumerate(chosen) if not hit]
             if not rest:
                 break
-            hits = mask.select([keys[i] for i in rest], [paths[i] for i in rest])
-            for i, hit in zip(rest, hits, strict=True):
+            sub = [keys[i] for i in rest], [paths[i] for i in rest], _subset(aliases, rest)
+            for i, hit in zip(rest, mask.select(*sub), strict=True):
                 chosen[i] = hit
         return chosen
+
+    def strings(self) -> list[str]:
+        return [s for mask in self._masks for s in mask.strings()]
+
+    def unmatched(self, keys: Sequence[str]) -> list[str]:
+        return [s for mask in self._masks for s in mask.unmatched(keys)]
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
         return any(mask._one(key, path) for mask in self._masks)
@@ -157,16 +242,24 @@ class _AllOf(Mask):
     def __init__(self, masks: list[Mask]) -> None:
         self._masks = masks
 
-    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
+    def select(
+        self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
+    ) -> list[bool]:
         chosen = [True] * len(keys)
         for mask in self._masks:
             rest = [i for i, hit in enumerate(chosen) if hit]
             if not rest:
                 break
-            hits = mask.select([keys[i] for i in rest], [paths[i] for i in rest])
-            for i, hit in zip(rest, hits, strict=True):
+            sub = [keys[i] for i in rest], [paths[i] for i in rest], _subset(aliases, rest)
+            for i, hit in zip(rest, mask.select(*sub), strict=True):
                 chosen[i] = hit
         return chosen
+
+    def strings(self) -> list[str]:
+        return [s for mask in self._masks for s in mask.strings()]
+
+    def unmatched(self, keys: Sequence[str]) -> list[str]:
+        return [s for mask in self._masks for s in mask.unmatched(keys)]
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
         return all(mask._one(key, path) for mask in self._masks)
@@ -181,8 +274,16 @@ class _Not(Mask):
     def __init__(self, mask: Mask) -> None:
         self._mask = mask
 
-    def select(self, keys: Sequence[str], paths: Sequence[tuple[str, ...]]) -> list[bool]:
-        return [not hit for hit in self._mask.select(keys, paths)]
+    def select(
+        self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
+    ) -> list[bool]:
+        return [not hit for hit in self._mask.select(keys, paths, aliases)]
+
+    def strings(self) -> list[str]:
+        return self._mask.strings()
+
+    def unmatched(self, keys: Sequence[str]) -> list[str]:
+        return self._mask.unmatched(keys)
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
         return not self._mask._one(key, path)
@@ -268,6 +369,13 @@ def not_(mask: MaskLike) -> Mask:
     False
     """
     return _Not(compile_mask(mask))
+
+
+def _subset(aliases: Aliases | None, rest: list[int]) -> Aliases | None:
+    """`aliases` renumbered for the leaves at positions `rest` (in that order)."""
+    if not aliases:
+        return None
+    return {j: aliases[i] for j, i in enumerate(rest) if i in aliases}
 
 
 def _name(fn: object) -> str:
