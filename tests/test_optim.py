@@ -265,6 +265,53 @@ def test_check_optimizer_refuses_typos_and_non_optimizers_before_anything_change
     assert len(opt.param_groups) == 1
 
 
+def test_unfreeze_with_an_optimizer_adds_one_group_once() -> None:
+    """Gradual unfreezing: one new group with the given options, nothing on a repeat."""
+    model = net()
+    ms = ModelState.new(model).freeze("blocks.**")
+    opt = torch.optim.SGD(ms.trainable_parameters().values(), lr=0.1, momentum=0.9)
+    ms.unfreeze("blocks.0.**", optimizer=opt, lr=0.01)
+    assert len(opt.param_groups) == 2
+    assert opt.param_groups[1]["lr"] == 0.01 and opt.param_groups[1]["momentum"] == 0.9
+    held = list(opt.param_groups[1]["params"])
+    assert held == [t for k, t in ms.parameters().items() if k.startswith("blocks.0.")]
+    assert "param_names" not in opt.param_groups[1]  # the optimizer's groups have none
+    ms.unfreeze("blocks.0.**", optimizer=opt, lr=0.5)
+    ms.unfreeze("head.**", optimizer=opt)  # trainable and held already
+    assert len(opt.param_groups) == 2
+    ms.unfreeze("blocks.**", optimizer=opt)  # only blocks 1 and 2 are new
+    assert len(opt.param_groups[2]["params"]) == 8 and opt.param_groups[2]["lr"] == 0.1
+    forward(model).backward()
+    opt.step()
+
+
+def test_unfreeze_into_named_groups_keeps_param_names_and_adds_a_tied_tensor_once() -> None:
+    """An optimizer from param_groups gets a named group; a tie named twice is added once."""
+    model = net()
+    model["head"].weight = model["embed"].weight
+    ms = ModelState.new(model).freeze("embed.**")
+    opt = torch.optim.AdamW(ms.param_groups(), lr=0.1)
+    assert "embed.weight" not in opt.param_groups[0]["param_names"]
+    ms.unfreeze(["embed.**", "head.weight"], optimizer=opt, weight_decay=0.0)
+    new = opt.param_groups[1]
+    assert new["param_names"] == ["embed.weight"] and new["weight_decay"] == 0.0
+    assert opt.state_dict()["param_groups"][1]["param_names"] == ["embed.weight"]
+
+
+def test_unfreeze_with_a_bad_option_changes_nothing() -> None:
+    """A typo in the group options is refused before anything is thawed."""
+    model = net()
+    ms = ModelState.new(model).freeze("blocks.**")
+    opt = torch.optim.AdamW(ms.trainable_parameters().values(), lr=0.1)
+    frozen = set(ms.frozen_parameters())
+    with pytest.raises(TypeError, match="`lrr` is not an option of AdamW"):
+        ms.unfreeze("blocks.0.**", optimizer=opt, lrr=0.01)
+    with pytest.raises(TypeError, match=r"must be a torch\.optim\.Optimizer"):
+        ms.unfreeze("blocks.0.**", optimizer=model)  # type: ignore[arg-type]
+    assert set(ms.frozen_parameters()) == frozen
+    assert len(opt.param_groups) == 1
+
+
 # ----------------------------------------------------------------------------- schedulers
 
 
