@@ -6,14 +6,26 @@ check, and ``ctx.tmp`` is shared by the ranks.
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from _dist_harness import Ctx
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from torch_modelstate import ModelState
+import torch_modelstate as tms
+from torch_modelstate import ModelState, _distributed
+from torch_modelstate.checkpoint import _collective
+from torch_modelstate.checkpoint._files import Checkpoint
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -56,6 +68,16 @@ def _tied_lm(seed: int = 0) -> nn.Module:
     ModelState.new(model).tie("head.weight", "embed.weight")
     fully_shard(model)
     return model
+
+
+@contextmanager
+def _patched(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def _full(t: Tensor) -> Tensor:
@@ -121,5 +143,162 @@ def check_tied_embeddings_survive_update_and_dcp(ctx: Ctx) -> None:
     dcp.load({"model": ModelState.new(fresh)}, checkpoint_id=str(ctx.tmp / "dcp"))
     assert fresh.head.weight is fresh.embed.weight
     torch.testing.assert_close(_full(fresh.head.weight), value)
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+class _AE(nn.Module):
+    """An autoencoder whose decoder weight is a transform tie (transpose) of the encoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+        self.dec = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.dec(torch.relu(self.enc(x)))
+        return out
+
+
+def check_transform_tie_made_before_fully_shard_keeps_working(ctx: Ctx) -> None:
+    """A transpose tie made before fully_shard: ties(), to_dict(), update and forward work."""
+    torch.manual_seed(0)
+    model = _AE()
+    ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    fully_shard(model)
+    ms = ModelState.new(model)
+    assert ms.ties() == {"dec.weight": "enc.weight"}
+    assert list(ms.to_dict()) == ["enc.weight", "enc.bias", "dec.weight", "dec.bias"]
+    value = torch.arange(12.0).reshape(3, 4)
+    ms.update({"enc.weight": value})
+    assert isinstance(model.enc.weight, DTensor)
+    torch.testing.assert_close(_full(ms.to_dict()["dec.weight"]), value.t())
+    ref = _AE()
+    ref.load_state_dict({k: _full(v) for k, v in ms.to_dict().items()})
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def check_a_tie_made_after_fully_shard_is_refused_clearly(ctx: Ctx) -> None:
+    """A tie made after fully_shard is a ValueError naming fully_shard; the model still runs."""
+    torch.manual_seed(0)
+    model = _AE()
+    fully_shard(model)
+    ms = ModelState.new(model)
+    with pytest.raises(ValueError, match="fully_shard"):
+        ms.tie("dec.weight", "enc.weight", "transpose")
+    assert ms.ties() == {}
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def _bytes_read(monkey: list[int]) -> Any:
+    """A stand-in for Checkpoint.read_into that also counts the bytes asked for."""
+    original = Checkpoint.read_into
+
+    def counting(self: Checkpoint, pairs: Any) -> None:
+        monkey[0] += sum(info.nbytes for info, _ in pairs)
+        original(self, pairs)
+
+    return counting
+
+
+def _plain_checkpoint(ctx: Ctx, seed: int, name: str = "m.safetensors") -> Path:
+    path = ctx.tmp / name
+    if ctx.rank == 0:
+        tms.save(_model(seed), path)
+    dist.barrier()
+    return path
+
+
+def check_collective_save_writes_one_plain_checkpoint(ctx: Ctx) -> None:
+    """tms.save(sharded) on every rank: one safetensors file any reader loads unsharded."""
+    ms = ModelState.new(_sharded(seed=1))
+    want = _fulls(ModelState.new(_model(seed=1)))
+    path = ctx.tmp / "m.safetensors"
+    tms.save(ms, path)  # collective: returns on every rank once the file is in place
+    got = load_file(path)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+    _assert_equal(tms.load(path).to_dict(), want)
+    plain = _model(seed=5)
+    tms.load(path, into=plain)
+    _assert_equal(ModelState.new(plain).to_dict(), want)
+
+
+def check_collective_save_of_the_sharded_layout(ctx: Ctx) -> None:
+    """tms.save(sharded, dir, max_shard_size=...) writes the index and shards, read by anyone."""
+    ms = ModelState.new(_sharded(seed=1))
+    tms.save(ms, ctx.tmp / "ckpt", max_shard_size=64)
+    assert (ctx.tmp / "ckpt" / "model.safetensors.index.json").exists()
+    _assert_equal(tms.load(ctx.tmp / "ckpt").to_dict(), _fulls(ModelState.new(_model(seed=1))))
+
+
+def check_collective_save_failure_raises_on_every_rank(ctx: Ctx) -> None:
+    """A write failing on rank 0 midway (a full disk) raises the same error on every rank."""
+
+    def failing(path: Any, specs: Any, metadata: Any, fill: Any, **kwargs: Any) -> Any:
+        fill(specs[:1])  # the first tensor, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ms = ModelState.new(_sharded())
+    patch = failing if ctx.rank == 0 else _collective.write_checkpoint
+    with pytest.raises(OSError) as info, _patched(_collective, "write_checkpoint", patch):
+        tms.save(ms, ctx.tmp / "m.safetensors")
+    assert not (ctx.tmp / "m.safetensors").exists()
+    messages: list[object] = [None, None]
+    dist.all_gather_object(messages, [type(info.value).__name__, str(info.value)])
+    assert messages[0] == messages[1], messages
+    assert "No space left" in str(info.value)
+
+
+def check_collective_load_reads_only_each_ranks_shards(ctx: Ctx) -> None:
+    """tms.load(path, into=sharded): right values, and each rank reads about half the bytes."""
+    path = _plain_checkpoint(ctx, seed=1)
+    want = _fulls(ModelState.new(_model(seed=1)))
+    total = sum(v.numel() * v.element_size() for v in want.values())
+    for dim in (0, 1):
+        model = _sharded(dim=dim)
+        weight = model[0].weight
+        count = [0]
+        with _patched(Checkpoint, "read_into", _bytes_read(count)):
+            tms.load(path, into=model)
+        assert model[0].weight is weight
+        _assert_equal(_fulls(ModelState.new(model)), want)
+        mine = sum(
+            _distributed.to_local(t).numel() * t.element_size()
+            for t in ModelState.new(model).to_dict().values()
+        )
+        assert count[0] == mine, (count[0], mine, total)
+        assert count[0] < 0.75 * total, (count[0], total)
+
+
+def check_collective_load_is_all_or_nothing_on_every_rank(ctx: Ctx) -> None:
+    """A file that does not fit on one rank: every rank raises, no rank writes (buffers too)."""
+    good = _plain_checkpoint(ctx, seed=1, name="good.safetensors")
+    bad = ctx.tmp / "bad.safetensors"
+    if ctx.rank == 0:
+        values = dict(_model(seed=1).state_dict())
+        values["1.running_mean"] = torch.zeros(7)
+        save_file({k: v.contiguous() for k, v in values.items()}, bad)
+    dist.barrier()
+    ms = ModelState.new(_sharded())
+    before = _fulls(ms)
+    with pytest.raises(tms.CheckpointMismatchError, match=r"1\.running_mean"):
+        tms.load(bad if ctx.rank == 1 else good, into=ms)
+    _assert_equal(_fulls(ms), before)
+
+
+def check_tied_embeddings_survive_collective_save_and_load(ctx: Ctx) -> None:
+    """The identity-tied LM saves collectively with its tie, and loads back into a sharded one."""
+    model = _tied_lm()
+    ms = ModelState.new(model)
+    ms.update({"embed.weight": torch.arange(28.0).reshape(7, 4)})
+    path = ctx.tmp / "lm.safetensors"
+    tms.save(ms, path)
+    assert tms.load(path).ties() == {"head.weight": "embed.weight"}
+    fresh = _tied_lm(seed=3)
+    tms.load(path, into=fresh)
+    assert fresh.head.weight is fresh.embed.weight
     x = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(fresh(x), model(x))

@@ -43,6 +43,7 @@ __all__ = [
     "any_dtensor",
     "dtensor_group",
     "full",
+    "is_sharded",
     "local_pairs",
     "local_slice",
     "rebuild",
@@ -55,6 +56,11 @@ _DTENSOR = DTensor
 def any_dtensor(tensors: Iterable[Tensor]) -> bool:
     """Whether any of `tensors` is a DTensor."""
     return _DTENSOR in set(map(type, tensors))
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 parameter, or a copy of one)."""
+    return isinstance(t, DTensor)
 
 
 def local_slice(full: Tensor, like: DTensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torch_modelstate import _kernels
-from torch_modelstate.checkpoint import _budget
+from torch_modelstate.checkpoint import _budget, _collective
 from torch_modelstate.checkpoint._codec import TensorInfo, is_plain_cpu
 from torch_modelstate.checkpoint._files import Checkpoint
 from torch_modelstate.checkpoint._plan import Plan
@@ -37,6 +37,8 @@ def stream(ckpt: Checkpoint, writes: Sequence[tuple[TensorInfo, Tensor]]) -> Non
     the model in memory). Others (another device, dtype or layout) are read in batches of
     about `_budget.BUDGET` bytes into staging tensors, then copied by one grouped kernel call.
     """
+    writes, sharded = _collective.split_sharded(writes)  # FSDP2: each rank reads its shards (dist)
+    _collective.read_sharded(ckpt, sharded)
     direct: list[tuple[TensorInfo, Tensor]] = []
     staged: list[tuple[TensorInfo, Tensor]] = []
     for info, dst in sorted(writes, key=lambda w: (str(w[0].file), w[0].start)):

@@ -8,6 +8,7 @@ from typing import Literal, TypeAlias
 
 from torch import nn
 
+from torch_modelstate import _distributed
 from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint._apply import apply
 from torch_modelstate.checkpoint._entry import read_entry
@@ -79,8 +80,11 @@ def load(
             return load_standalone(ckpt, saved, stored)
         # Until the callers that rely on the old default pass frozen="file", None keeps it.
         chosen = chosen or ("file" if saved.frozen is not None else "keep")
-        plan = make_plan(ckpt, saved, ModelState.new(into), strict, frozen=chosen, rename=rename)
-        verify_pairs(ckpt, plan.pairs)
+        target = ModelState.new(into)
+        # FSDP2 targets: the checks are collective; if one rank fails, every rank raises (dist)
+        with _distributed.agreement(target.state_dict().values()):
+            plan = make_plan(ckpt, saved, target, strict, frozen=chosen, rename=rename)
+            verify_pairs(ckpt, plan.pairs)
         apply(ckpt, plan)
     report = plan.report
     if report.missing or report.unexpected:
