@@ -274,3 +274,17 @@ def test_pickle_of_a_transform_tied_model() -> None:
         loaded.enc.weight.zero_()
     assert torch.equal(loaded.dec.weight, torch.zeros(4, 3))
     assert list(loaded.state_dict()) == list(model.state_dict())
+
+
+def test_tie_after_fully_shard_is_refused(one_rank: None) -> None:
+    """A tie onto a sharded model is a ValueError saying to tie first; nothing changes."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = autoencoder()
+    fully_shard(model.dec)
+    fully_shard(model)
+    ms = ModelState.new(model)
+    with pytest.raises(ValueError, match="tie before calling fully_shard"):
+        ms.tie("dec.weight", "enc.weight", "transpose")
+    assert ms.ties() == {}
+    assert "weight" in model.dec._parameters

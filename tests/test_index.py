@@ -239,3 +239,19 @@ def test_to_empty_keeps_transform_ties_and_their_devices() -> None:
     assert ms.to_dict()["dec.weight"].device.type == "cpu"
     ms.untie("dec.weight").tie("dec.weight", "enc.weight", "transpose")
     assert torch.equal(model["dec"].weight, model["enc"].weight.t())
+
+
+def test_replacing_a_transform_ties_source_module_is_reported_and_untie_recovers() -> None:
+    """A source module replaced under a transform tie: the view says so, and untie keeps the
+    value the destination has now."""
+    model = nn.ModuleDict({"enc": nn.Linear(4, 3), "dec": nn.Linear(3, 4)})
+    ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
+    old = model["enc"]
+    model["enc"] = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="no longer part of this model"):
+        ms.to_dict()
+    ms.untie("dec.weight")
+    assert torch.equal(model["dec"].weight, old.weight.t())
+    assert ms.ties() == {}
+    ms.tie("dec.weight", "enc.weight", "transpose")
+    assert torch.equal(model["dec"].weight, model["enc"].weight.t())

@@ -56,7 +56,7 @@ class Index:
     destinations to their leaf, ``ties`` maps each destination to its `Tie`.
     """
 
-    __slots__ = ("_checks", "by_key", "keys", "leaves", "order", "paths", "ties")
+    __slots__ = ("_checks", "by_key", "keys", "leaves", "order", "orphans", "paths", "ties")
 
     def __init__(self, leaves: list[Leaf], ties: dict[str, Tie], order: list[str]) -> None:
         self.leaves = leaves
@@ -69,6 +69,20 @@ class Index:
             if tie.fn is None:
                 self.by_key[tie.dest] = self.by_key[tie.source]
         self._checks: tuple[Any, ...] | None = None
+        # Transform destinations whose source's module left the model: {key: (owner, name)}.
+        self.orphans: dict[str, tuple[nn.Module, str]] = {}
+
+    def raise_orphans(self) -> None:
+        """Refuse to serve a view in which a destination computes from outside the model."""
+        if self.orphans:
+            key = next(iter(self.orphans))
+            msg = (
+                f"`{key}` is transform-tied to a tensor of a module that is no longer part of "
+                "this model (it was replaced or removed).\n"
+                f"  fix: untie({key!r}) to keep the value it has now, then tie it again to a "
+                "source in the model"
+            )
+            raise ValueError(msg)
 
     def is_current(self) -> bool:
         """Whether the model still holds exactly what this index was built from.
@@ -220,24 +234,25 @@ def index_module(root: nn.Module) -> Index:
         else:
             ties[key] = Tie(key, source, None, None, owner, name)
     stored = {leaf.key for leaf in leaves}
+    orphans: dict[str, tuple[nn.Module, str]] = {}
     for key, owner, name, record in pending:
-        ties[key] = Tie(
-            key, _source_key(key, record, prefixes, stored), record.fn, record.name, owner, name
-        )
-    index = Index(leaves, ties, order)
+        source_key = _source_key(record, prefixes, stored)
+        if source_key is None:
+            orphans[key] = (owner, name)
+        else:
+            ties[key] = Tie(key, source_key, record.fn, record.name, owner, name)
+    index = Index(leaves, ties, [key for key in order if key not in orphans])
+    index.orphans = orphans
     np_copies = [set(s) for s in np_sets]
     index._checks = (holders, names, objects, sized, list(map(len, sized)), np_sets, np_copies)
     return index
 
 
-def _source_key(key: str, record: TransformTie, prefixes: dict[int, str], stored: set[str]) -> str:
+def _source_key(record: TransformTie, prefixes: dict[int, str], stored: set[str]) -> str | None:
+    """The key of a transform tie's source in this model (None: its module is not in it)."""
     prefix = prefixes.get(id(record.source_owner))
     if prefix is None:
-        msg = (
-            f"`{key}` is tied to `{record.source_name}` of a module outside this model.\n"
-            "  fix: untie it, or build the ModelState over the model that holds both"
-        )
-        raise ValueError(msg)
+        return None
     source = prefix + record.source_name
     # A source parametrized after the tie (torch.nn.utils.parametrize) is stored as its
     # parametrization's `original`; the tie reads the parametrized value, computed from it.

@@ -177,6 +177,7 @@ class ModelState:
             return index
         if self._module is not None:
             index = current_index(self._module)  # kept with the module, shared by its views
+            index.raise_orphans()
         else:
             index = index_entries(self._entries.items(), self._state_keys)
         self._index = index
@@ -541,6 +542,12 @@ class ModelState:
         """Give a tie destination its own copy of its current value (for a transform tie,
         the materialised value); the model keeps working and the source is unchanged."""
         dest = to_key(destination)
+        if self._module is not None:
+            orphan = current_index(self._module).orphans.get(dest)
+            if orphan is not None:  # its source left the model: keep the value it has now
+                _tied_module.remove_transform_tie(*orphan)
+                self._changed()
+                return self
         index = self._idx()
         tie = index.ties.get(dest)
         if tie is None:
@@ -555,14 +562,13 @@ class ModelState:
         src_leaf = index.by_key[tie.source]
         source = src_leaf.tensor
         owner = tie.owner
-        if owner is not None and tie.fn is None and owner is src_leaf.owner:
-            if tie.name == src_leaf.name:
-                msg = (
-                    f"untie: `{dest}` and `{tie.source}` are one attribute of one shared "
-                    "submodule; they cannot be told apart.\n"
-                    "  fix: replace the shared submodule by a copy (copy.deepcopy) instead"
-                )
-                raise ValueError(msg)
+        if owner is not None and owner is src_leaf.owner and tie.name == src_leaf.name:
+            msg = (
+                f"untie: `{dest}` and `{tie.source}` are one attribute of one shared "
+                "submodule; they cannot be told apart.\n"
+                "  fix: replace the shared submodule by a copy (copy.deepcopy) instead"
+            )
+            raise ValueError(msg)
         if owner is None:
             with torch.no_grad():
                 value = source if tie.fn is None else tie.fn(source)
