@@ -8,6 +8,7 @@ checked against a model written here (a reference glob matcher, a reference froz
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -67,8 +68,40 @@ def test_freeze_selects_what_the_reference_selects(spec, data):
     model = build_model(spec)
     keys = leaf_keys(model)
     mask = data.draw(mask_specs(keys), label="mask")
-    ms = ModelState.new(model).freeze(build_mask(mask))
+    ms = ModelState.new(model).freeze(build_mask(mask), strict=False)
     assert frozen_keys(ms) == {k for k in keys if reference_select(mask, k)}
+
+
+def spec_strings(spec: Any) -> list[str]:
+    """Every glob string written anywhere in a mask spec (regexes and callables left out)."""
+    kind = spec[0]
+    if kind == "glob":
+        return [spec[1]]
+    if kind in ("list", "tuple", "any", "all"):
+        return [s for part in spec[1] for s in spec_strings(part)]
+    if kind in ("not", "invert"):
+        return spec_strings(spec[1])
+    if kind in ("or", "and"):
+        return spec_strings(spec[1]) + spec_strings(spec[2])
+    return []
+
+
+@given(spec=model_specs(), data=st.data())
+def test_strict_freeze_refuses_exactly_the_strings_that_match_nothing(spec, data):
+    """Strict freeze raises a KeyError iff some glob in the mask matches no key, and then
+    changes nothing; otherwise it selects what strict=False selects."""
+    model = build_model(spec)
+    keys = leaf_keys(model)
+    mask = data.draw(mask_specs(keys), label="mask")
+    dead = [g for g in spec_strings(mask) if not any(reference_glob(g, k) for k in keys)]
+    ms = ModelState.new(model)
+    if dead:
+        with pytest.raises(KeyError, match="matches no key"):
+            ms.freeze(build_mask(mask))
+        assert frozen_keys(ms) == set()
+    else:
+        ms.freeze(build_mask(mask))
+        assert frozen_keys(ms) == {k for k in keys if reference_select(mask, k)}
 
 
 @given(spec=model_specs(), data=st.data())
@@ -100,7 +133,8 @@ def test_globs_agree_with_the_reference_on_arbitrary_keys(keys, data):
 def test_parameters_partition_into_trainable_and_frozen(spec, data):
     """For any mask, trainable | frozen = parameters and trainable & frozen is empty."""
     model = build_model(spec)
-    ms = ModelState.new(model).freeze(build_mask(data.draw(mask_specs(leaf_keys(model)))))
+    mask = build_mask(data.draw(mask_specs(leaf_keys(model))))
+    ms = ModelState.new(model).freeze(mask, strict=False)
     trainable, frozen = set(ms.trainable_parameters()), set(ms.frozen_parameters())
     assert trainable | frozen == set(ms.parameters())
     assert not trainable & frozen
@@ -110,7 +144,8 @@ def test_parameters_partition_into_trainable_and_frozen(spec, data):
 def test_state_partitions_into_trainable_and_frozen(spec, data):
     """For any mask, trainable | frozen = state and trainable & frozen is empty."""
     model = build_model(spec)
-    ms = ModelState.new(model).freeze(build_mask(data.draw(mask_specs(leaf_keys(model)))))
+    mask = build_mask(data.draw(mask_specs(leaf_keys(model))))
+    ms = ModelState.new(model).freeze(mask, strict=False)
     trainable, frozen = set(ms.trainable_state()), set(ms.frozen_state())
     assert trainable | frozen == set(ms.state())
     assert not trainable & frozen
@@ -147,7 +182,7 @@ def test_freeze_unfreeze_follow_a_reference_set(spec, data, dict_backed):
     expected: set[str] = set()
     for op, mask in ops:
         chosen = {k for k in keys if reference_select(mask, k)}
-        getattr(ms, op)(build_mask(mask))
+        getattr(ms, op)(build_mask(mask), strict=False)
         expected = expected | chosen if op == "freeze" else expected - chosen
         assert frozen_keys(ms) == expected
     if not dict_backed:

@@ -102,9 +102,12 @@ def test_empty_returns_a_new_state_each_time():
 
 
 def test_empty_accepts_masks_and_empty_updates():
-    """Freezing and empty updates and merges work on an empty state."""
-    ms = ModelState.empty().freeze().unfreeze("**").update({}).merge({}, lambda p, a, b: b)
-    assert ms.to_dict() == {}
+    """Freezing and empty updates and merges work on an empty state (a glob selects nothing
+    there, which only strict=False allows)."""
+    ms = ModelState.empty().freeze().unfreeze("**", strict=False).update({})
+    assert ms.merge({}, lambda p, a, b: b).to_dict() == {}
+    with pytest.raises(KeyError, match="matches no key"):
+        ModelState.empty().unfreeze("**")
 
 
 def test_empty_rejects_unknown_keys():

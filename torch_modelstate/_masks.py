@@ -109,7 +109,19 @@ class Mask:
 
 
 class _Everything(Mask):
-    __slots__ = ()
+    """Every leaf; `rest` keeps the other parts of a list it absorbed (``[None, "x"]``), whose
+    strings are still checked for strictness."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self, rest: Sequence[Mask] = ()) -> None:
+        self._rest = list(rest)
+
+    def strings(self) -> list[str]:
+        return [s for mask in self._rest for s in mask.strings()]
+
+    def unmatched(self, keys: Sequence[str]) -> list[str]:
+        return [s for mask in self._rest for s in mask.unmatched(keys)]
 
     def select(
         self, keys: Sequence[str], paths: Sequence[tuple[str, ...]], aliases: Aliases | None = None
@@ -330,9 +342,10 @@ def _combine_any(masks: list[Mask]) -> Mask:
     # Merge every glob/regex into one alternation so string masks cost one match per key.
     sources: list[str] = []
     others: list[Mask] = []
+    if any(isinstance(mask, _Everything) for mask in masks):
+        rest = [m for mask in masks for m in _parts_of_everything(mask)]
+        return _Everything(rest)
     for mask in masks:
-        if isinstance(mask, _Everything):
-            return mask
         if isinstance(mask, _Regex) and isinstance(mask._sources, list):
             sources.extend(mask._sources)
         elif isinstance(mask, _AnyOf):
@@ -369,6 +382,10 @@ def not_(mask: MaskLike) -> Mask:
     False
     """
     return _Not(compile_mask(mask))
+
+
+def _parts_of_everything(mask: Mask) -> list[Mask]:
+    return mask._rest if isinstance(mask, _Everything) else [mask]
 
 
 def _subset(aliases: Aliases | None, rest: list[int]) -> Aliases | None:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import repeat
-from operator import attrgetter
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _frozen, _kernels, _tied_module, _ties
+from torch_modelstate import _frozen, _groups, _kernels, _tied_module, _ties, _update
 from torch_modelstate._errors import KeyNotFoundError
+from torch_modelstate._groups import Rules
 from torch_modelstate._index import Index, Leaf, Tie, current_index, forget, index_entries, unwrap
 from torch_modelstate._masks import MaskLike, compile_mask
 from torch_modelstate._paths import to_flat, to_key
@@ -20,14 +19,8 @@ from torch_modelstate.merges import Merge
 __all__ = ["ModelState"]
 
 Values: TypeAlias = "Mapping[str, Any] | ModelState"
-MergeFn: TypeAlias = Callable[[list[str], Tensor, Tensor], Tensor]
+MergeFn: TypeAlias = "Callable[[list[str], Tensor, Tensor], Tensor] | Merge"
 KeyLike: TypeAlias = "str | Sequence[str]"
-
-_TENSOR = attrgetter("tensor")
-# One C call per pair, where comparing `.shape`s would build two torch.Size objects.
-_SAME_SIZE = Tensor.is_same_size
-_DTYPE = attrgetter("dtype")
-_IS_CPU = attrgetter("is_cpu")
 
 
 class ModelState:
@@ -148,15 +141,40 @@ class ModelState:
         """The module this state views, or None for a standalone state."""
         return self._module
 
-    def clone(self) -> ModelState:
+    def clone(
+        self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> ModelState:
         """A standalone deep copy: new tensors, the same state keys, frozen set and ties.
 
-        The usual start of an EMA: ``ema = ModelState.new(model).clone()``.
+        The usual start of an EMA: ``ema = ModelState.new(model).clone()``. `dtype` casts
+        the floating-point tensors (integer and bool buffers such as ``num_batches_tracked``
+        keep theirs): ``clone(dtype=torch.float32)`` is a full-precision shadow of a bf16
+        model, which ``merges.ema`` can update without stalling. `device` puts the copy
+        elsewhere, e.g. an EMA on the CPU of a model on the GPU.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).to(torch.bfloat16)
+        >>> shadow = ModelState.new(model).clone(dtype=torch.float32)
+        >>> sorted({str(t.dtype) for t in shadow.to_dict().values()})
+        ['torch.float32', 'torch.int64']
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            msg = (
+                "`dtype` must be a floating-point torch.dtype (integer buffers keep theirs).\n"
+                f"  got: {dtype!r}\n  fix: e.g. dtype=torch.float32"
+            )
+            raise TypeError(msg)
+        target = None if device is None else torch.device(device)
         index = self._idx()
-        copies = dict(
-            zip(index.keys, _kernels.clone([leaf.tensor for leaf in index.leaves]), strict=True)
-        )
+        tensors = [leaf.tensor for leaf in index.leaves]
+        if dtype is None and target is None:
+            cloned = _kernels.clone(tensors)
+        else:
+            cloned = [_empty_copy(t, dtype, target) for t in tensors]
+            if target is None or target.type != "meta":
+                _kernels.copy_(cloned, tensors)
+        copies = dict(zip(index.keys, cloned, strict=True))
         frozen = self._frozen_keys(index)
         state = type(self)()
         for key in index.order:
@@ -168,6 +186,41 @@ class ModelState:
         state._state_keys = {leaf.key for leaf in index.leaves if not leaf.is_param}
         state._frozen = frozen
         return state
+
+    def param_groups(
+        self, rules: Rules | None = None, *, strict: bool = True, **defaults: Any
+    ) -> list[dict[str, Any]]:
+        """Param groups for a ``torch.optim`` optimizer, chosen by mask.
+
+        `rules` maps masks to option dicts (a dict, or a list of ``(mask, options)`` pairs);
+        the first rule whose mask selects a parameter decides its group, and the rest go
+        into a last group with `defaults`, which also fill in options a rule leaves out.
+        Only trainable parameters are grouped, each tied tensor once; groups follow rule
+        order, empty groups are left out, and each carries ``"param_names"`` (its keys).
+        A string in a mask that matches no key is a `KeyError` unless ``strict=False``.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> groups = ModelState.new(model).param_groups({"**.bias": {"weight_decay": 0.0}})
+        >>> [(g["param_names"], g.get("weight_decay")) for g in groups]
+        [(['0.bias', '1.bias', '2.bias'], 0.0), (['0.weight', '1.weight', '2.weight'], None)]
+        >>> opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
+        """
+        index = self._idx()
+        trainable = [leaf.is_param and not self._is_frozen(leaf) for leaf in index.leaves]
+        return _groups.build(
+            index.keys,
+            index.paths,
+            _tie_aliases(index),
+            [leaf.tensor for leaf in index.leaves],
+            trainable,
+            rules,
+            defaults,
+            strict=strict,
+            every_key=index.order,
+            did_you_mean=index.did_you_mean,
+        )
 
     # ----------------------------------------------------------------- the index
 
@@ -273,33 +326,80 @@ class ModelState:
 
     # ----------------------------------------------------------------- freezing
 
-    def freeze(self, mask: MaskLike = None) -> ModelState:
+    def freeze(self, mask: MaskLike = None, *, strict: bool = True) -> ModelState:
         """Freeze the leaves `mask` selects (all by default), adding to what is frozen.
 
         A frozen parameter gets ``requires_grad=False``; a frozen buffer keeps its value
         through forward passes (a frozen BatchNorm still normalises with batch statistics
-        in training, but its running statistics stay put). The whole mask is evaluated
-        before anything changes.
+        in training, but its running statistics stay put). A key or glob that names a tie
+        destination freezes its source (one tensor). With `strict` (the default) each key
+        or glob in `mask` must match at least one key, tie destinations included: a typo
+        is a `KeyError` with a "did you mean"; ``strict=False`` lets strings match nothing.
+        The whole mask is checked and evaluated before anything changes.
 
         >>> import torch
         >>> from torch import nn
         >>> ms = ModelState.new(nn.Linear(2, 2)).freeze("bias")
         >>> list(ms.frozen_parameters())
         ['bias']
+        >>> ms.freeze("bais")
+        Traceback (most recent call last):
+        ...
+        torch_modelstate._errors.KeyNotFoundError: freeze: the mask 'bais' matches no key...
         """
-        return self._set_frozen(mask, True)
+        self._apply_frozen(self._chosen(mask, strict, "freeze"), True)
+        return self
 
-    def unfreeze(self, mask: MaskLike = None) -> ModelState:
-        """Unfreeze the leaves `mask` selects (all by default)."""
-        return self._set_frozen(mask, False)
+    def unfreeze(
+        self,
+        mask: MaskLike = None,
+        *,
+        strict: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        **group_options: Any,
+    ) -> ModelState:
+        """Unfreeze the leaves `mask` selects (all by default); strict as `freeze`.
 
-    def _set_frozen(self, mask: MaskLike, frozen: bool) -> ModelState:
+        With `optimizer`, the selected parameters it does not hold yet (by identity) are
+        added to it as one new param group with `group_options` (gradual unfreezing);
+        nothing is added twice. The mask and the optimizer are checked before anything
+        changes.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> ms = ModelState.new(model).freeze("0.**")
+        >>> opt = torch.optim.SGD(ms.trainable_parameters().values(), lr=0.1)
+        >>> _ = ms.unfreeze("0.**", optimizer=opt, lr=0.01)
+        >>> [len(group["params"]) for group in opt.param_groups], opt.param_groups[1]["lr"]
+        ([2, 2], 0.01)
+        """
+        chosen = self._chosen(mask, strict, "unfreeze")
+        if optimizer is not None:
+            _groups.check_optimizer(optimizer, group_options)
+        elif group_options:
+            names = ", ".join(sorted(group_options))
+            msg = (
+                "unfreeze: param-group options were given without an optimizer.\n"
+                f"  got: {names}\n"
+                "  fix: pass optimizer=... to add the unfrozen parameters to it, or drop them"
+            )
+            raise TypeError(msg)
+        self._apply_frozen(chosen, False)
+        if optimizer is not None:
+            params = {leaf.key: leaf.tensor for leaf in chosen if leaf.is_param}
+            _groups.add_param_group(optimizer, params, group_options)
+        return self
+
+    def _chosen(self, mask: MaskLike, strict: bool, verb: str) -> list[Leaf]:
+        """The leaves `mask` selects (a tie destination's key selects its source), after
+        the strict check; nothing is changed here."""
         compiled = compile_mask(mask)
         index = self._idx()
-        hits = compiled.select(index.keys, index.paths)
-        chosen = [leaf for leaf, hit in zip(index.leaves, hits, strict=True) if hit]
-        self._apply_frozen(chosen, frozen)
-        return self
+        if strict:
+            compiled.check_strict(index.order, index.did_you_mean, verb)
+        hits = compiled.select(index.keys, index.paths, _tie_aliases(index))
+        return [leaf for leaf, hit in zip(index.leaves, hits, strict=True) if hit]
 
     def _restore_frozen(self, frozen_keys: Iterable[str]) -> None:
         """Make exactly `frozen_keys` frozen (keys of tie destinations are ignored)."""
@@ -333,7 +433,8 @@ class ModelState:
         so ``ms.update(state_dict)`` loads a whole state dict; frozen state in
         `updated_state` is skipped (as in Axon). Values are cast to each destination's
         dtype and moved to its device; identity, ``data_ptr`` and ``requires_grad`` stay.
-        Everything is checked before anything is written.
+        Everything is checked before anything is written, for every input: on any error
+        (a `KeyError`, `ValueError` or `TypeError` naming the key) nothing has been written.
 
         >>> import torch
         >>> ms = ModelState.new({"w": torch.zeros(2)})
@@ -341,93 +442,10 @@ class ModelState:
         tensor([1., 2.])
         """
         index = self._idx()
-        dsts: list[Tensor] = []
-        srcs: list[Tensor] = []
-        keys: list[str] = []
-        self._gather(
-            index, _values(updated_parameters, "updated_parameters"), dsts, srcs, keys, None
-        )
-        if updated_state is not None:
-            values = _values(updated_state, "updated_state", state_only=True)
-            self._gather(index, values, dsts, srcs, keys, "state")
-        if index.ties or updated_state is not None:
-            dsts, srcs = _dedupe(index, dsts, srcs, keys)
-        _kernels.copy_(dsts, srcs)
+        state = None if updated_state is None else _as_values(updated_state)
+        plan = _update.plan_update(index, _as_values(updated_parameters), state, self._is_frozen)
+        plan.apply()
         return self
-
-    def _gather(
-        self,
-        index: Index,
-        values: Mapping[str, Any],
-        dsts: list[Tensor],
-        srcs: list[Tensor],
-        keys: list[str],
-        only: str | None,
-    ) -> None:
-        # Checks run as C-level passes over all keys (no Python call per tensor); the
-        # per-key loops below run only to word an error.
-        names = list(values)
-        given = list(values.values())
-        all_tensors = all(map(isinstance, given, repeat(Tensor)))
-        if not all_tensors and any(isinstance(value, Mapping) for value in given):
-            self._gather(index, to_flat(values), dsts, srcs, keys, only)
-            return
-        leaves = list(map(index.by_key.get, names))
-        if None in leaves:
-            names, given, leaves = _drop_computed(index, values, names, given, leaves)
-        if not all_tensors:
-            key, value = next(
-                (k, v) for k, v in zip(names, given, strict=True) if not isinstance(v, Tensor)
-            )
-            msg = (
-                f"update: the value for `{key}` is not a tensor.\n"
-                f"  expected: a Tensor of shape {tuple(index.by_key[key].tensor.shape)}\n"
-                f"  got: {type(value).__name__}"
-            )
-            raise TypeError(msg)
-        targets: list[Tensor] = list(map(_TENSOR, leaves))
-        if not all(map(_SAME_SIZE, given, targets)):
-            for key, value, target in zip(names, given, targets, strict=True):
-                if value.shape != target.shape:
-                    msg = (
-                        f"update: shape mismatch for `{key}`.\n"
-                        f"  expected: {tuple(target.shape)}\n  got: {tuple(value.shape)}"
-                    )
-                    raise ValueError(msg)
-        if not all(map(_IS_CPU, given)):
-            for key, value in zip(names, given, strict=True):
-                if value.is_meta:
-                    msg = (
-                        f"update: the value for `{key}` is on the meta device and holds no data.\n"
-                        "  fix: materialise it first (e.g. load real values into it)"
-                    )
-                    raise ValueError(msg)
-        if any(dtype.is_complex for dtype in set(map(_DTYPE, given))):
-            for key, value, target in zip(names, given, targets, strict=True):
-                if value.is_complex() and not target.is_complex():
-                    msg = (
-                        f"update: the value for `{key}` is complex but the tensor is real.\n"
-                        f"  expected: {target.dtype}\n  got: {value.dtype}\n"
-                        "  fix: pass value.real (or .abs()) explicitly"
-                    )
-                    raise TypeError(msg)
-        if only is None:
-            dsts += targets
-            srcs += given
-            keys += names
-            return
-        for key, value, leaf in zip(names, given, leaves, strict=True):
-            assert leaf is not None
-            if leaf.is_param:
-                msg = (
-                    f"update: `{key}` is a parameter, given in `updated_state`.\n"
-                    "  fix: pass parameters in the first argument"
-                )
-                raise KeyNotFoundError(msg)
-            if not self._is_frozen(leaf):
-                dsts.append(leaf.tensor)
-                srcs.append(value)
-                keys.append(key)
 
     # ----------------------------------------------------------------- merge
 
@@ -435,9 +453,10 @@ class ModelState:
         """Merge `rhs` into this state in place: ``lhs[key] = fun(path, lhs, rhs)``.
 
         Keys in both are merged, keys only here are kept, keys only in `rhs` are ignored;
-        each tied tensor is merged once. Shapes are checked first, and if `fun` raises,
-        nothing has been written. The functions in `torch_modelstate.merges` run as
-        grouped in-place kernels.
+        each tied tensor is merged once. Everything is checked first (shapes, and for the
+        values `fun` returns, their layout, device and dtype), and if `fun` raises, nothing
+        has been written. The functions in `torch_modelstate.merges` run as grouped
+        in-place kernels.
 
         >>> import torch
         >>> from torch_modelstate import merges
@@ -445,49 +464,8 @@ class ModelState:
         >>> soup.merge({"w": torch.ones(2)}, merges.lerp(0.5)).to_dict()["w"]
         tensor([0.5000, 0.5000])
         """
-        index = self._idx()
-        other = ModelState.new(rhs)._idx()
-        found = list(map(other.by_key.get, index.keys))
-        if None in found or other.ties:
-            # Some keys are missing in rhs or computed there (transform ties): resolve each.
-            pairs = [(leaf, other.resolve(leaf.key)) for leaf in index.leaves]
-            kept = [(leaf, value) for leaf, value in pairs if value is not None]
-            leaves = [leaf for leaf, _ in kept]
-            rhs_list: list[Tensor] = [value for _, value in kept]
-        else:
-            leaves = index.leaves
-            rhs_list = list(map(_TENSOR, found))
-        lhs_list: list[Tensor] = list(map(_TENSOR, leaves))
-        if not all(map(_SAME_SIZE, lhs_list, rhs_list)):
-            for leaf, value in zip(leaves, rhs_list, strict=True):
-                if value.shape != leaf.tensor.shape:
-                    msg = (
-                        f"merge: shape mismatch for `{leaf.key}`.\n"
-                        f"  expected (lhs): {tuple(leaf.tensor.shape)}\n"
-                        f"  got (rhs): {tuple(value.shape)}"
-                    )
-                    raise ValueError(msg)
-        if isinstance(fun, Merge):
-            fun.apply_(lhs_list, rhs_list)
-            return self
-        if not callable(fun):
-            msg = f"`fun` must be callable as fun(path, lhs, rhs).\n  got: {type(fun).__name__}"
-            raise TypeError(msg)
-        results: list[Tensor] = []
-        with torch.no_grad():
-            for leaf, lhs_t, rhs_t in zip(leaves, lhs_list, rhs_list, strict=True):
-                result = fun(list(leaf.path), lhs_t, rhs_t)
-                if not isinstance(result, Tensor) or result.shape != lhs_t.shape:
-                    got = (
-                        tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
-                    )
-                    msg = (
-                        f"merge: `fun` must return a tensor of the lhs shape; for `{leaf.key}`\n"
-                        f"  expected: {tuple(lhs_t.shape)}\n  got: {got}"
-                    )
-                    raise (ValueError if isinstance(result, Tensor) else TypeError)(msg)
-                results.append(result)
-        _kernels.copy_(lhs_list, results)
+        plan = _update.plan_merge(self._idx(), ModelState.new(rhs)._idx(), fun)
+        plan.apply()
         return self
 
     # ----------------------------------------------------------------- ties
@@ -710,105 +688,24 @@ def format_bytes(n: int) -> str:
     raise AssertionError  # unreachable
 
 
-def _values(obj: Values, name: str, *, state_only: bool = False) -> Mapping[str, Any]:
-    """A flat ``{key: value}`` view of an update argument (of a ModelState: its tensors,
-    or only its state when it is given as `updated_state`)."""
-    if isinstance(obj, ModelState):
-        index = obj._idx()
-        return {
-            leaf.key: leaf.tensor for leaf in index.leaves if not (state_only and leaf.is_param)
-        }
-    if isinstance(obj, Mapping):
-        return obj  # nested dicts are flattened by `_gather` when it meets one
-    msg = (
-        f"`{name}` must be a dict of tensors (flat or nested) or a ModelState.\n"
-        f"  got: {type(obj).__name__}"
-    )
-    raise TypeError(msg)
+def _as_values(obj: Values) -> Mapping[str, Any] | Index:
+    """An update argument as `_update` takes it: a ModelState stands as its index."""
+    return obj._idx() if isinstance(obj, ModelState) else obj
 
 
-def _dedupe(
-    index: Index, dsts: list[Tensor], srcs: list[Tensor], keys: list[str]
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Write each tied tensor once; two different values for it are an error."""
-    first: dict[int, int] = {}
-    out_d: list[Tensor] = []
-    out_s: list[Tensor] = []
-    for dst, src, key in zip(dsts, srcs, keys, strict=True):
-        seen = first.get(id(dst))
-        if seen is None:
-            first[id(dst)] = len(out_d)
-            out_d.append(dst)
-            out_s.append(src)
-        elif not _kernels.same_values(out_s[seen], src):
-            other = next(k for k, d in zip(keys, dsts, strict=True) if d is dst)
-            if other == key:
-                msg = (
-                    f"update: `{key}` is given in both arguments, with different values.\n"
-                    "  fix: give it once"
-                )
-            else:
-                msg = (
-                    f"update: `{other}` and `{key}` are one tied tensor but were given "
-                    "different values.\n"
-                    "  fix: give one value (the source key is enough), or untie them first"
-                )
-            raise ValueError(msg)
-    return out_d, out_s
+def _tie_aliases(index: Index) -> dict[int, list[str]] | None:
+    """``{leaf position: keys of the tie destinations that name it}`` (None: no ties)."""
+    if not index.ties:
+        return None
+    aliases: dict[int, list[str]] = {}
+    for dest, tie in index.ties.items():
+        source = index.by_key.get(tie.source)
+        if source is not None:
+            aliases.setdefault(index.keys.index(source.key), []).append(dest)
+    return aliases
 
 
-def _drop_computed(
-    index: Index,
-    values: Mapping[str, Any],
-    names: list[str],
-    given: list[Any],
-    leaves: list[Leaf | None],
-) -> tuple[list[str], list[Any], list[Leaf | None]]:
-    """Leave out values for transform destinations that agree with their source.
-
-    ``ms.update(model.state_dict())`` on a transform-tied model gives the destination's
-    computed value too; it is skipped when it equals the transform of the source's new (or
-    current) value, and refused when it does not: one tensor cannot take two values.
-    Any other unknown key is a `KeyError`.
-    """
-    kept_names: list[str] = []
-    kept_given: list[Any] = []
-    kept_leaves: list[Leaf | None] = []
-    for key, value, leaf in zip(names, given, leaves, strict=True):
-        if leaf is not None:
-            kept_names.append(key)
-            kept_given.append(value)
-            kept_leaves.append(leaf)
-            continue
-        tie = index.ties.get(key)
-        if tie is None or tie.fn is None:
-            _raise_unknown(index, key, "update")
-            continue
-        source = values.get(tie.source, index.by_key[tie.source].tensor)
-        agrees = False
-        if isinstance(value, Tensor) and isinstance(source, Tensor):
-            with torch.no_grad():
-                agrees = _kernels.same_values(value, tie.fn(source))
-        if not agrees:
-            name = tie.fn_name or getattr(tie.fn, "__name__", "transform")
-            msg = (
-                f"update: `{key}` is computed from `{tie.source}` (a transform tie, "
-                f"{name}), and the value given for it is not {name}(`{tie.source}`).\n"
-                f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
-            )
-            raise ValueError(msg)
-    return kept_names, kept_given, kept_leaves
-
-
-def _raise_unknown(index: Index, key: str, verb: str) -> Any:
-    tie = index.ties.get(key)
-    if tie is not None:
-        msg = (
-            f"{verb}: `{key}` is computed from `{tie.source}` (a transform tie) "
-            "and takes no value.\n"
-            f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
-        )
-        raise ValueError(msg)
-    hint = index.did_you_mean(key)
-    msg = f"{verb}: unknown key `{key}`; the model has no such parameter or state.{hint}"
-    raise KeyNotFoundError(msg)
+def _empty_copy(t: Tensor, dtype: torch.dtype | None, device: torch.device | None) -> Tensor:
+    """Uninitialised memory for a copy of `t`: floats cast to `dtype`, on `device`."""
+    cast = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+    return torch.empty_like(t, dtype=cast, device=device if device is not None else t.device)

@@ -1,0 +1,500 @@
+"""Gathering and checking the values of `update` and `merge`: everything before the write.
+
+Both run in three steps, so that a model is never left half-written:
+
+1. **gather** pairs each destination tensor with its new value (its *source*), by key;
+2. **check** runs every rule a write could break, as C-level passes over all pairs
+   (``map`` over ``Tensor`` methods, sets of dtypes and layouts), with a per-key loop only
+   to word the error once a pass has found one;
+3. a `Plan` holds the checked pairs, and `Plan.apply` hands them to `_kernels` in one call.
+
+What is refused, before anything is written (rule, key, expected, got, fix in each message):
+
+- destinations: a layout other than strided (``ValueError``), elements that overlap in
+  memory, as in an expanded (stride-0) buffer (``ValueError``), an inference tensor written
+  outside ``torch.inference_mode()`` (``ValueError``);
+- values: not a tensor, sparse or another non-strided layout, on the meta device,
+  quantized (unless written into a quantized tensor as float32), complex for a real
+  destination (``TypeError``); a shape that differs (``ValueError``);
+- a merge function's results: the same rules as values, checked on all results before the
+  first write;
+- a named merge's arithmetic (lerp, add) into float8 tensors, which torch has no kernel for.
+
+>>> import torch
+>>> from torch_modelstate._index import index_entries
+>>> index = index_entries([("w", torch.zeros(2))], set())
+>>> plan = plan_update(index, {"w": torch.ones(2)}, None, lambda leaf: False)
+>>> plan.keys
+['w']
+>>> plan.apply()
+>>> index.by_key["w"].tensor
+tensor([1., 1.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from itertools import repeat
+from operator import attrgetter
+from typing import Any, NoReturn, TypeAlias
+
+import torch
+from torch import Tensor
+
+from torch_modelstate import _distributed, _kernels
+from torch_modelstate._errors import KeyNotFoundError
+from torch_modelstate._index import Index, Leaf
+from torch_modelstate._paths import to_flat
+from torch_modelstate.merges import Merge
+
+__all__ = [
+    "Plan",
+    "check_destinations",
+    "check_shapes",
+    "check_values",
+    "plan_merge",
+    "plan_update",
+    "raise_unknown",
+]
+
+MergeFn: TypeAlias = Callable[[list[str], Tensor, Tensor], Tensor]
+Values: TypeAlias = "Mapping[str, Any] | Index"
+
+_TENSOR = attrgetter("tensor")
+# One C call per pair, where comparing `.shape`s would build two torch.Size objects.
+_SAME_SIZE = Tensor.is_same_size
+_DTYPE = attrgetter("dtype")
+_LAYOUT = attrgetter("layout")
+_IS_CPU = attrgetter("is_cpu")
+_IS_CONTIGUOUS = Tensor.is_contiguous
+_IS_INFERENCE = Tensor.is_inference
+_STRIDED = {torch.strided}
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_FLOAT8 = {
+    getattr(torch, name)
+    for name in (
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    )
+    if hasattr(torch, name)
+}
+
+
+class Plan:
+    """Checked (destination, value) pairs, and the kernel that writes them.
+
+    Built by `plan_update` or `plan_merge` once every check has passed; `apply` is the only
+    step that writes. ``merge`` is the named merge whose grouped kernel runs, or None for a
+    copy.
+    """
+
+    __slots__ = ("dsts", "keys", "merge", "srcs")
+
+    def __init__(
+        self, keys: list[str], dsts: list[Tensor], srcs: list[Tensor], merge: Merge | None = None
+    ) -> None:
+        self.keys = keys
+        self.dsts = dsts
+        self.srcs = srcs
+        self.merge = merge
+
+    def apply(self) -> None:
+        """Write every pair: one grouped kernel call."""
+        if self.merge is None:
+            _kernels.copy_(self.dsts, self.srcs)
+        else:
+            self.merge.apply_(self.dsts, self.srcs)
+
+    def __repr__(self) -> str:
+        how = "copy" if self.merge is None else repr(self.merge)
+        return f"Plan({len(self.keys)} tensors, {how})"
+
+
+# --------------------------------------------------------------------------- update
+
+
+def plan_update(
+    index: Index,
+    updated_parameters: Values,
+    updated_state: Values | None,
+    is_frozen: Callable[[Leaf], bool],
+) -> Plan:
+    """Gather and check the pairs of ``update(updated_parameters, updated_state)``.
+
+    Index arguments stand for ModelStates (their stored tensors; only their state when
+    given as `updated_state`). Frozen state in `updated_state` is skipped.
+    """
+    keys: list[str] = []
+    dsts: list[Tensor] = []
+    srcs: list[Tensor] = []
+    # Over a sharded model every rank validates, and if one fails all raise the same error
+    # before any rank writes. The decision hangs on the model's tensors, alike on all ranks.
+    model = list(map(_TENSOR, index.leaves))
+    with _distributed.agreement(model) if _distributed.any_dtensor(model) else nullcontext():
+        values = _as_values(updated_parameters, "updated_parameters")
+        _gather(index, values, keys, dsts, srcs, None)
+        if updated_state is not None:
+            values = _as_values(updated_state, "updated_state", state_only=True)
+            _gather(index, values, keys, dsts, srcs, is_frozen)
+        check_destinations("update", keys, dsts)
+        if index.ties or updated_state is not None:
+            keys, dsts, srcs = _dedupe(keys, dsts, srcs)
+    return Plan(keys, dsts, srcs)
+
+
+def _as_values(obj: Values, name: str, *, state_only: bool = False) -> Mapping[str, Any]:
+    if isinstance(obj, Index):
+        return {leaf.key: leaf.tensor for leaf in obj.leaves if not (state_only and leaf.is_param)}
+    if isinstance(obj, Mapping):
+        return obj  # nested dicts are flattened by `_gather` when it meets one
+    msg = (
+        f"`{name}` must be a dict of tensors (flat or nested) or a ModelState.\n"
+        f"  got: {type(obj).__name__}"
+    )
+    raise TypeError(msg)
+
+
+def _gather(
+    index: Index,
+    values: Mapping[str, Any],
+    keys: list[str],
+    dsts: list[Tensor],
+    srcs: list[Tensor],
+    state_of: Callable[[Leaf], bool] | None,
+) -> None:
+    """Pair each value with its destination and check the values (`state_of`: the
+    frozen test, given for `updated_state`, whose frozen state is skipped)."""
+    names = list(values)
+    given = list(values.values())
+    all_tensors = all(map(isinstance, given, repeat(Tensor)))
+    if not all_tensors and any(isinstance(value, Mapping) for value in given):
+        _gather(index, to_flat(values), keys, dsts, srcs, state_of)
+        return
+    leaves = list(map(index.by_key.get, names))
+    if None in leaves:
+        names, given, leaves = _drop_computed(index, values, names, given, leaves)
+    if not all_tensors:
+        key, value = next(
+            (k, v) for k, v in zip(names, given, strict=True) if not isinstance(v, Tensor)
+        )
+        msg = (
+            f"update: the value for `{key}` is not a tensor.\n"
+            f"  expected: a Tensor of shape {tuple(index.by_key[key].tensor.shape)}\n"
+            f"  got: {type(value).__name__}"
+        )
+        raise TypeError(msg)
+    targets: list[Tensor] = list(map(_TENSOR, leaves))
+    check_values("update", names, given, targets)
+    if state_of is None:
+        dsts += targets
+        srcs += given
+        keys += names
+        return
+    for key, value, leaf in zip(names, given, leaves, strict=True):
+        assert leaf is not None
+        if leaf.is_param:
+            msg = (
+                f"update: `{key}` is a parameter, given in `updated_state`.\n"
+                "  fix: pass parameters in the first argument"
+            )
+            raise KeyNotFoundError(msg)
+        if not state_of(leaf):
+            dsts.append(leaf.tensor)
+            srcs.append(value)
+            keys.append(key)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def plan_merge(index: Index, other: Index, fun: MergeFn | Merge) -> Plan:
+    """Gather and check the pairs of ``merge(other, fun)``; a plain `fun` runs here, on
+    every tensor, and its results are checked before the plan is returned."""
+    found = list(map(other.by_key.get, index.keys))
+    if None in found or other.ties:
+        # Some keys are missing in rhs or computed there (transform ties): resolve each.
+        pairs = [(leaf, other.resolve(leaf.key)) for leaf in index.leaves]
+        kept = [(leaf, value) for leaf, value in pairs if value is not None]
+        leaves = [leaf for leaf, _ in kept]
+        rhs: list[Tensor] = [value for _, value in kept]
+    else:
+        leaves = index.leaves
+        rhs = list(map(_TENSOR, found))
+    keys = [leaf.key for leaf in leaves] if leaves is not index.leaves else index.keys
+    lhs: list[Tensor] = list(map(_TENSOR, leaves))
+    check_destinations("merge", keys, lhs)
+    if isinstance(fun, Merge):
+        check_values("merge", keys, rhs, lhs, side="rhs")
+        _check_arithmetic(keys, lhs, fun)
+        return Plan(keys, lhs, rhs, fun)
+    if not callable(fun):
+        msg = f"`fun` must be callable as fun(path, lhs, rhs).\n  got: {type(fun).__name__}"
+        raise TypeError(msg)
+    # A plain `fun` gets rhs as it is (it may handle a sparse or complex one itself); its
+    # results are what is written, so they get the full checks.
+    check_shapes("merge", keys, rhs, lhs, side="rhs")
+    results: list[Any] = []
+    with torch.no_grad():
+        for leaf, lhs_t, rhs_t in zip(leaves, lhs, rhs, strict=True):
+            results.append(fun(list(leaf.path), lhs_t, rhs_t))
+    if not all(map(isinstance, results, repeat(Tensor))):
+        key, result = next(
+            (k, r) for k, r in zip(keys, results, strict=True) if not isinstance(r, Tensor)
+        )
+        msg = (
+            f"merge: `fun` must return a tensor of the lhs shape; for `{key}`\n"
+            f"  expected: a Tensor of shape {tuple(index.by_key[key].tensor.shape)}\n"
+            f"  got: {type(result).__name__}"
+        )
+        raise TypeError(msg)
+    check_values("merge", keys, results, lhs, side="result of `fun`")
+    return Plan(keys, lhs, results)
+
+
+def _check_arithmetic(keys: list[str], lhs: list[Tensor], fun: Merge) -> None:
+    """A named merge that computes (lerp, add...) needs a kernel for each lhs dtype."""
+    if getattr(fun, "arithmetic", True) is False or set(map(_DTYPE, lhs)).isdisjoint(_FLOAT8):
+        return
+    key, tensor = next((k, t) for k, t in zip(keys, lhs, strict=True) if t.dtype in _FLOAT8)
+    msg = (
+        f"merge: {fun!r} cannot compute in {tensor.dtype}: torch has no arithmetic kernel "
+        f"for float8 tensors; `{key}` is one.\n"
+        "  fix: merge into a higher-precision copy (ms.clone(dtype=torch.float32)) and "
+        "copy the result back with merges.replace()"
+    )
+    raise TypeError(msg)
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_values(
+    verb: str,
+    keys: Sequence[str],
+    values: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    *,
+    side: str = "value",
+) -> None:
+    """Every value can be written into its target: the same shape, a dense tensor holding
+    data, and a dtype the target can take. C-level passes; a loop only words the error."""
+    check_shapes(verb, keys, values, targets, side=side)
+    if set(map(_LAYOUT, values)) - _STRIDED:
+        key, value = next(
+            (k, v) for k, v in zip(keys, values, strict=True) if v.layout != torch.strided
+        )
+        msg = (
+            f"{verb}: the {side} for `{key}` is a {value.layout} tensor; only dense "
+            "(strided) tensors can be written into a parameter or buffer.\n"
+            f"  expected: torch.strided\n  got: {value.layout}\n"
+            "  fix: pass value.to_dense()"
+        )
+        raise TypeError(msg)
+    if not all(map(_IS_CPU, values)):
+        for key, value in zip(keys, values, strict=True):
+            if value.is_meta:
+                msg = (
+                    f"{verb}: the {side} for `{key}` is on the meta device and holds no data.\n"
+                    f"  expected: a tensor with data\n  got: a meta tensor\n"
+                    "  fix: materialise it first (e.g. load real values into it)"
+                )
+                raise TypeError(msg)
+    dtypes = set(map(_DTYPE, values))
+    if any(dtype.is_complex for dtype in dtypes):
+        for key, value, target in zip(keys, values, targets, strict=True):
+            if value.is_complex() and not target.is_complex():
+                msg = (
+                    f"{verb}: the {side} for `{key}` is complex but the tensor is real.\n"
+                    f"  expected: {target.dtype}\n  got: {value.dtype}\n"
+                    "  fix: pass value.real (or .abs()) explicitly"
+                )
+                raise TypeError(msg)
+    if not dtypes.isdisjoint(_QUANTIZED) or not set(map(_DTYPE, targets)).isdisjoint(_QUANTIZED):
+        _check_quantized(verb, keys, values, targets, side)
+
+
+def check_shapes(
+    verb: str,
+    keys: Sequence[str],
+    values: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    *,
+    side: str = "value",
+) -> None:
+    """Every value has its target's shape (a `ValueError` naming the first that has not)."""
+    if all(map(_SAME_SIZE, values, targets)):
+        return
+    key, value, target = next(
+        (k, v, t) for k, v, t in zip(keys, values, targets, strict=True) if v.shape != t.shape
+    )
+    want, got = tuple(target.shape), tuple(value.shape)
+    if side == "rhs":
+        head, lines = (
+            f"shape mismatch for `{key}`.",
+            f"  expected (lhs): {want}\n  got (rhs): {got}",
+        )
+    elif side == "value":
+        head, lines = f"shape mismatch for `{key}`.", f"  expected: {want}\n  got: {got}"
+    else:
+        head = f"the {side} must be a tensor of the lhs shape; for `{key}`"
+        lines = f"  expected: {want}\n  got: {got}"
+    raise ValueError(f"{verb}: {head}\n{lines}")
+
+
+def _check_quantized(
+    verb: str, keys: Sequence[str], values: Sequence[Tensor], targets: Sequence[Tensor], side: str
+) -> None:
+    # torch copies into a quantized tensor from float32 or the same quantized dtype only, and
+    # out of a quantized tensor into nothing else.
+    for key, value, target in zip(keys, values, targets, strict=True):
+        if target.dtype in _QUANTIZED:
+            if value.dtype in (torch.float32, target.dtype):
+                continue
+            expected = f"torch.float32 or {target.dtype}"
+            fix = "pass value.float()"
+        elif value.dtype in _QUANTIZED:
+            expected = str(target.dtype)
+            fix = "pass value.dequantize()"
+        else:
+            continue
+        msg = (
+            f"{verb}: the {side} for `{key}` cannot be written into its {target.dtype} tensor.\n"
+            f"  expected: {expected}\n  got: {value.dtype}\n  fix: {fix}"
+        )
+        raise TypeError(msg)
+
+
+def check_destinations(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:
+    """Every destination can be written in place: dense, no element sharing memory with
+    another (expanded tensors), and not an inference tensor outside inference mode."""
+    if set(map(_LAYOUT, dsts)) - _STRIDED:
+        key, dst = next(
+            (k, d) for k, d in zip(keys, dsts, strict=True) if d.layout != torch.strided
+        )
+        msg = (
+            f"{verb}: `{key}` is a {dst.layout} tensor; only dense (strided) tensors are "
+            "written in place.\n"
+            f"  expected: torch.strided\n  got: {dst.layout}\n"
+            "  fix: make the parameter or buffer dense (.to_dense()), or leave the key out"
+        )
+        raise ValueError(msg)
+    if not all(map(_IS_CONTIGUOUS, dsts)):
+        for key, dst in zip(keys, dsts, strict=True):
+            # 1 is "yes"; 2 ("too hard to tell") is what torch's own copy_ lets through.
+            if not dst.is_contiguous() and torch._debug_has_internal_overlap(dst) == 1:
+                msg = (
+                    f"{verb}: `{key}` cannot be written in place: several of its elements "
+                    "share one memory location (an expanded or stride-0 tensor).\n"
+                    f"  expected: a tensor whose elements do not overlap\n"
+                    f"  got: shape {tuple(dst.shape)} with strides {dst.stride()}\n"
+                    "  fix: give the module its own copy first (e.g. register "
+                    "buffer.clone() instead of an expanded view)"
+                )
+                raise ValueError(msg)
+    if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, dsts)):
+        key = next(k for k, d in zip(keys, dsts, strict=True) if d.is_inference())
+        msg = (
+            f"{verb}: `{key}` is an inference tensor (made under torch.inference_mode()), "
+            "which torch writes in place only inside inference mode.\n"
+            "  expected: a normal tensor, or this call inside torch.inference_mode()\n"
+            "  got: an inference tensor outside inference mode\n"
+            "  fix: call it under `with torch.inference_mode():`, or build the model under "
+            "torch.no_grad() instead"
+        )
+        raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dedupe(
+    keys: list[str], dsts: list[Tensor], srcs: list[Tensor]
+) -> tuple[list[str], list[Tensor], list[Tensor]]:
+    """Write each tied tensor once; two different values for it are an error."""
+    first: dict[int, int] = {}
+    out_k: list[str] = []
+    out_d: list[Tensor] = []
+    out_s: list[Tensor] = []
+    for dst, src, key in zip(dsts, srcs, keys, strict=True):
+        seen = first.get(id(dst))
+        if seen is None:
+            first[id(dst)] = len(out_d)
+            out_k.append(key)
+            out_d.append(dst)
+            out_s.append(src)
+        elif not _kernels.same_values(out_s[seen], src):
+            other = out_k[seen]
+            if other == key:
+                msg = (
+                    f"update: `{key}` is given in both arguments, with different values.\n"
+                    "  fix: give it once"
+                )
+            else:
+                msg = (
+                    f"update: `{other}` and `{key}` are one tied tensor but were given "
+                    "different values.\n"
+                    "  fix: give one value (the source key is enough), or untie them first"
+                )
+            raise ValueError(msg)
+    return out_k, out_d, out_s
+
+
+def _drop_computed(
+    index: Index,
+    values: Mapping[str, Any],
+    names: list[str],
+    given: list[Any],
+    leaves: list[Leaf | None],
+) -> tuple[list[str], list[Any], list[Leaf | None]]:
+    """Leave out values for transform destinations that agree with their source.
+
+    ``ms.update(model.state_dict())`` on a transform-tied model gives the destination's
+    computed value too; it is skipped when it equals the transform of the source's new (or
+    current) value, and refused when it does not: one tensor cannot take two values.
+    Any other unknown key is a `KeyError`.
+    """
+    kept_names: list[str] = []
+    kept_given: list[Any] = []
+    kept_leaves: list[Leaf | None] = []
+    for key, value, leaf in zip(names, given, leaves, strict=True):
+        if leaf is not None:
+            kept_names.append(key)
+            kept_given.append(value)
+            kept_leaves.append(leaf)
+            continue
+        tie = index.ties.get(key)
+        if tie is None or tie.fn is None:
+            raise_unknown(index, key, "update")
+        source = values.get(tie.source, index.by_key[tie.source].tensor)
+        agrees = False
+        if isinstance(value, Tensor) and isinstance(source, Tensor):
+            with torch.no_grad():
+                agrees = _kernels.same_values(value, tie.fn(source))
+        if not agrees:
+            name = tie.fn_name or getattr(tie.fn, "__name__", "transform")
+            msg = (
+                f"update: `{key}` is computed from `{tie.source}` (a transform tie, "
+                f"{name}), and the value given for it is not {name}(`{tie.source}`).\n"
+                f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
+            )
+            raise ValueError(msg)
+    return kept_names, kept_given, kept_leaves
+
+
+def raise_unknown(index: Index, key: str, verb: str) -> NoReturn:
+    """Raise the error for a key that names no stored tensor (a KeyError with a hint)."""
+    tie = index.ties.get(key)
+    if tie is not None:
+        msg = (
+            f"{verb}: `{key}` is computed from `{tie.source}` (a transform tie) "
+            "and takes no value.\n"
+            f"  fix: leave `{key}` out and write `{tie.source}`, or untie it first"
+        )
+        raise ValueError(msg)
+    hint = index.did_you_mean(key)
+    msg = f"{verb}: unknown key `{key}`; the model has no such parameter or state.{hint}"
+    raise KeyNotFoundError(msg)
