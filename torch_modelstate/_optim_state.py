@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _kernels
+from torch_modelstate import _distributed, _kernels
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointMismatchError
 from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint import _budget
@@ -57,6 +57,14 @@ def _named_params(
                 raise ValueError(msg)
             named.append((key, p))
         groups.append(named)
+    if _distributed.any_dtensor(p for named in groups for _, p in named):
+        msg = (
+            f"{verb}: the optimizer trains sharded (DTensor / FSDP2) parameters; storing sharded "
+            "optimizer state in one safetensors file is not supported yet.\n"
+            "  fix: use torch.distributed.checkpoint, e.g. dcp.save({'optim': "
+            "get_optimizer_state_dict(model, opt)}, checkpoint_id=...)"
+        )
+        raise TypeError(msg)
     return groups
 
 
