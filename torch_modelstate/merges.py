@@ -139,6 +139,7 @@ class _Add(Merge):
 
 class _Replace(Merge):
     __slots__ = ()
+    arithmetic = False  # a plain copy: fine into dtypes without arithmetic kernels (float8)
 
     def __call__(self, path: list[str], lhs: Tensor, rhs: Tensor) -> Tensor:
         return rhs.to(device=lhs.device, dtype=lhs.dtype).clone()
