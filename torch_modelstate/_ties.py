@@ -17,7 +17,6 @@ way round, `mark_identity_dest`). The mechanism of transform ties is `_tied_modu
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from torch_modelstate._distributed import is_sharded
 from torch_modelstate._errors import KeyNotFoundError
 
 if TYPE_CHECKING:
@@ -239,23 +239,16 @@ def check_tie(
         )
     if dest_leaf.is_param != src_leaf.is_param:
         return problem(ValueError, f"`{dest}` and `{root}` must both be parameters or both state.")
-    sharded = [k for k, t in ((dest, dest_leaf.tensor), (root, src_leaf.tensor)) if _is_dtensor(t)]
+    sharded = [k for k, t in ((dest, dest_leaf.tensor), (root, src_leaf.tensor)) if is_sharded(t)]
     if sharded and dest_leaf.owner is not None:
         return problem(
             ValueError,
-            f"`{sharded[0]}` is sharded (a DTensor from fully_shard); ties are made on the "
+            f"`{sharded[0]}` is managed by fully_shard (FSDP2, a DTensor); ties are made on the "
             "unsharded model.",
-            "tie before calling fully_shard (torch puts tied tensors in one group there)",
+            "tie before calling fully_shard (torch puts tied parameters in one fully_shard group)",
         )
     found = fit_problem(dest, dest_leaf.tensor, root, src_leaf.tensor, fn)
     return TieCheck(root, False, found)
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported; do not import it here.
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
-    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def _same_transform(existing: Tie, fn: Transform | None, fn_name: str | None) -> bool:
