@@ -61,10 +61,17 @@ def test_inspect_prints_totals_modules_frozen_flags_and_ties(ckpt: Path) -> None
     assert result.returncode == 0, result.stderr
     out = result.stdout
     # 8 + 2 + 4 + 3 + 3 parameters (dec.weight is tied), 3 + 3 + 1 state; bn is frozen
-    assert "Parameters:       20 (80 B); trainable 14 (56 B), frozen 6 (24 B)" in out
-    assert "State (buffers):  7 (32 B); trainable 0 (0 B)" in out
-    assert "Total:            27 (112 B): parameters and state" in out
-    assert "Tensors:          8 stored, 1 tied" in out
+    summary = [" ".join(line.split()) for line in out.splitlines()[3:11]]
+    assert summary == [
+        "Parameters: 20 (80 B)",
+        "trainable 14 (56 B)",
+        "frozen 6 (24 B)",
+        "State (buffers): 7 (32 B)",
+        "trainable 0 (0 B)",
+        "Total: 27 (112 B): parameters and state, as Axon counts",
+        "Tensors: 8 stored, 1 tied (tie destinations are stored once, as their source)",
+        "Dtypes: float32 (7 tensors, 26 elements, 104 B), int64 (1 tensor, 1 element, 8 B)",
+    ]
     assert "float32 (7 tensors, 26 elements, 104 B), int64 (1 tensor, 1 element, 8 B)" in out
     rows = {line.split()[0]: re.split(r"\s{2,}", line) for line in out.splitlines()[-3:]}
     assert rows["dec"][-1] == "weight = transpose(enc.weight)"
@@ -268,7 +275,7 @@ def test_inspect_a_file_from_another_tool(
     save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "x.safetensors")
     assert cli.main(["inspect", str(tmp_path / "x.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "no torch_modelstate metadata" in out and "Total:            4 (16 B)" in out
+    assert "no torch_modelstate metadata" in out and "Total:            4 (16 B)\n" in out
     assert "every tensor counts as a parameter" in out and "format" not in out
     assert re.split(r"\s{2,}", out.splitlines()[-1])[4] == "?"
 
@@ -350,22 +357,31 @@ def test_inspect_a_lone_shard_without_its_index(
     assert "no index beside it" in out and "malformed" not in out
 
 
+def test_inspect_a_renamed_shard_alone_is_recognised_by_its_stamp(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard renamed and copied away from its index is still named as shard i of n."""
+    tms.save(model(), tmp_path / "sharded", max_shard_size=40)
+    piece = tmp_path / "piece.safetensors"
+    piece.write_bytes((tmp_path / "sharded" / "model-00003-of-00003.safetensors").read_bytes())
+    assert cli.main(["inspect", str(piece)]) == 0
+    out = capsys.readouterr().out
+    assert "one shard (3 of 3) of a sharded checkpoint" in out and "malformed" not in out
+
+
 def test_inspect_a_shard_named_otherwise_but_listed_by_an_index(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A shard with a custom name is recognised because a sibling index lists it."""
-    tms.save(model(), tmp_path, max_shard_size=40)
-    index = tmp_path / "model.safetensors.index.json"
-    data = json.loads(index.read_text())
-    old = sorted(set(data["weight_map"].values()))[0]
-    (tmp_path / old).rename(tmp_path / "part-a.safetensors")
-    data["weight_map"] = {
-        k: "part-a.safetensors" if v == old else v for k, v in data["weight_map"].items()
-    }
-    index.write_text(json.dumps(data))
+    """A shard from another tool, with a custom name, is recognised by the index beside it."""
+    save_file({"a.weight": torch.zeros(2)}, tmp_path / "part-a.safetensors")
+    save_file({"b.weight": torch.zeros(3)}, tmp_path / "part-b.safetensors")
+    weight_map = {"a.weight": "part-a.safetensors", "b.weight": "part-b.safetensors"}
+    index = tmp_path / "weights.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 20}, "weight_map": weight_map}))
     assert cli.main(["inspect", str(tmp_path / "part-a.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "one shard of a sharded checkpoint" in out and "listed by" in out
+    assert "one shard of a sharded checkpoint" in out and f"listed by {index}" in out
+    assert "Total:            2 (8 B)" in out
 
 
 def test_inspect_uses_thousands_separators_and_short_counts(
@@ -375,7 +391,7 @@ def test_inspect_uses_thousands_separators_and_short_counts(
     tms.save({"emb": {"weight": torch.zeros(1000, 1235)}}, tmp_path / "big.safetensors")
     assert cli.main(["inspect", str(tmp_path / "big.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert "Parameters:       1,235,000 (1.2M, 4.94 MB)" in out
+    assert "Parameters:       1,235,000 (1.2M, 4.94 MB)\n" in out
     assert "float32 (1 tensor, 1,235,000 elements, 4.94 MB)" in out
     assert re.search(r"emb\s+1\s+1,235,000\s+4\.94 MB", out)
 

@@ -73,24 +73,28 @@ def render_inspect(out: TextIO, info: dict[str, Any], depth: int | None = None) 
     """The summary and the module table (down to `depth`) of `describe`'s `info`."""
     total, params, state = info["total"], info["parameters"], info["state"]
     out.write(f"{info['path']}\n{_origin(info)}\n\n")
+    rows: list[tuple[str, int, int, str]] = []
     if info["frozen_known"]:
-        frozen_e = params["elements"] - params["trainable_elements"]
-        frozen_b = params["bytes"] - params["trainable_bytes"]
-        out.write(
-            f"Parameters:       {count(params['elements'], params['bytes'])}; "
-            f"trainable {count(params['trainable_elements'], params['trainable_bytes'])}, "
-            f"frozen {count(frozen_e, frozen_b)}\n"
-        )
-        out.write(
-            f"State (buffers):  {count(state['elements'], state['bytes'])}; "
-            f"trainable {count(state['trainable_elements'], state['trainable_bytes'])}\n"
-        )
-        out.write(
-            f"Total:            {count(total['elements'], total['bytes'])}: "
-            "parameters and state, as Axon's summary counts them\n"
-        )
+        rows += [
+            ("Parameters:", params["elements"], params["bytes"], ""),
+            ("  trainable", params["trainable_elements"], params["trainable_bytes"], ""),
+            (
+                "  frozen",
+                params["elements"] - params["trainable_elements"],
+                params["bytes"] - params["trainable_bytes"],
+                "",
+            ),
+            ("State (buffers):", state["elements"], state["bytes"], ""),
+            ("  trainable", state["trainable_elements"], state["trainable_bytes"], ""),
+            ("Total:", total["elements"], total["bytes"], ": parameters and state, as Axon counts"),
+        ]
     else:
-        out.write(f"Total:            {count(total['elements'], total['bytes'])}\n")
+        rows.append(("Total:", total["elements"], total["bytes"], ""))
+    width = max(len(f"{n:,}") for _, n, _, _ in rows)
+    for label, n, nbytes, note in rows:
+        number, rest = count(n, nbytes).split(" ", 1)
+        out.write(f"{label:<17} {number:>{width}} {rest}{note}\n")
+    if not info["frozen_known"]:
         out.write(
             "  (no record of which tensors are state or frozen: every tensor counts as a "
             "parameter)\n"

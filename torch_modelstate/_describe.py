@@ -2,7 +2,8 @@
 
 Totals of parameters and of state, trainable and not, per dtype and per module, the ties,
 and every tensor's key, shape and dtype. One shard of a sharded checkpoint is recognised
-(by the name ``model-00001-of-00003.safetensors``, or by an index beside it that lists it)
+(by the save's stamp in its metadata, the name ``model-00001-of-00003.safetensors``, or an
+index beside it that lists it)
 and described as a file: its own tensors, with the state keys, frozen set and ties that
 the checkpoint's index and metadata give for them.
 """
@@ -18,6 +19,7 @@ from torch_modelstate._errors import CheckpointError
 from torch_modelstate.checkpoint._codec import TensorInfo, dtype_name
 from torch_modelstate.checkpoint._entry import METADATA_KEY, Saved, read_entry
 from torch_modelstate.checkpoint._files import SHARD_RE, open_checkpoint, read_index, resolve
+from torch_modelstate.checkpoint._stamp import Stamp, read_stamp
 
 __all__ = ["describe"]
 
@@ -36,16 +38,14 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     (True, [2, 3])
     """
     target, index = resolve(path)
-    shard = None if index is not None else _shard_of(target)
     with open_checkpoint(target) as ckpt:
         metadata = dict(ckpt.metadata)
         files = [str(s.path) for s in ckpt.shards]
         infos = dict(ckpt.tensors)
         resolved = str(ckpt.path)
-        if shard is None:
-            saved = read_entry(ckpt)
-    if shard is not None:
-        saved = _shard_entry(shard, infos)
+        first = ckpt.shards[0]
+        shard = None if index is not None else _shard_of(target, read_stamp(first.path, metadata))
+        saved = read_entry(ckpt) if shard is None else _shard_entry(shard, infos)
     result = _summarise(saved, infos)
     return {
         "path": resolved,
@@ -61,8 +61,12 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- shards
 
 
-def _shard_of(file: Path) -> dict[str, Any] | None:
-    """What makes `file` one shard of a sharded checkpoint, or None for a whole checkpoint."""
+def _shard_of(file: Path, stamp: Stamp | None) -> dict[str, Any] | None:
+    """What makes `file` one shard of a sharded checkpoint, or None for a whole checkpoint.
+
+    The save's stamp in its metadata says so (``shard i of n``); for files written
+    without one, the common shard name, or an index beside it that lists the file.
+    """
     match = SHARD_RE.fullmatch(file.name)
     index = None
     for candidate in sorted(file.parent.glob("*.safetensors.index.json")):
@@ -73,9 +77,14 @@ def _shard_of(file: Path) -> dict[str, Any] | None:
         if file.name in names:
             index = candidate
             break
-    if match is None and index is None:
+    if stamp is not None and stamp.of is not None:
+        number, of = stamp.shard, stamp.of
+    elif match is not None:
+        number, of = int(match.group(1)), int(match.group(2))
+    elif index is not None:
+        number, of = None, None
+    else:
         return None
-    number, of = (int(match.group(1)), int(match.group(2))) if match else (None, None)
     return {"file": file.name, "number": number, "of": of, "index": str(index) if index else None}
 
 
