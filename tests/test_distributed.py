@@ -17,10 +17,7 @@ pytestmark = pytest.mark.distributed
 
 NAMES = check_names(_dist_checks_state)
 # Checks whose feature another engineer is landing (strict: they fail loudly once it lands).
-PENDING = {
-    "check_update_validation_is_collective": "update's checks wrapped in _distributed.agreement",
-    "check_ddp_model_has_the_plain_keys_and_every_operation_works": "DDP see-through in new()",
-}
+PENDING: dict[str, str] = {}
 PARAMS = [
     pytest.param(n, id=n.removeprefix("check_"), marks=[pytest.mark.xfail(reason=PENDING[n])])
     if n in PENDING
