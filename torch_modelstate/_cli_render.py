@@ -73,9 +73,9 @@ def render_inspect(out: TextIO, info: dict[str, Any], depth: int | None = None) 
     """The summary and the module table (down to `depth`) of `describe`'s `info`."""
     total, params, state = info["total"], info["parameters"], info["state"]
     out.write(f"{info['path']}\n{_origin(info)}\n\n")
-    rows: list[tuple[str, int, int, str]] = []
+    summary: list[tuple[str, int, int, str]] = []
     if info["frozen_known"]:
-        rows += [
+        summary += [
             ("Parameters:", params["elements"], params["bytes"], ""),
             ("  trainable", params["trainable_elements"], params["trainable_bytes"], ""),
             (
@@ -89,9 +89,9 @@ def render_inspect(out: TextIO, info: dict[str, Any], depth: int | None = None) 
             ("Total:", total["elements"], total["bytes"], ": parameters and state, as Axon counts"),
         ]
     else:
-        rows.append(("Total:", total["elements"], total["bytes"], ""))
-    width = max(len(f"{n:,}") for _, n, _, _ in rows)
-    for label, n, nbytes, note in rows:
+        summary.append(("Total:", total["elements"], total["bytes"], ""))
+    width = max(len(f"{n:,}") for _, n, _, _ in summary)
+    for label, n, nbytes, note in summary:
         number, rest = count(n, nbytes).split(" ", 1)
         out.write(f"{label:<17} {number:>{width}} {rest}{note}\n")
     if not info["frozen_known"]:
