@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeAlias
@@ -15,11 +15,12 @@ from torch import Tensor
 from torch_modelstate import _kernels
 from torch_modelstate._errors import CheckpointMismatchError
 from torch_modelstate.checkpoint import _budget
-from torch_modelstate.checkpoint._codec import Spec, dtype_name
+from torch_modelstate.checkpoint._codec import CODE, ITEMSIZE, Spec, dtype_name
 from torch_modelstate.checkpoint._entry import read_entry
 from torch_modelstate.checkpoint._files import Checkpoint, open_checkpoint
 from torch_modelstate.checkpoint._hints import some
 from torch_modelstate.checkpoint._layout import parse_size
+from torch_modelstate.checkpoint._mapping import map_checkpoint
 from torch_modelstate.checkpoint._plan import kind
 from torch_modelstate.checkpoint._writer import write_checkpoint
 
@@ -78,31 +79,28 @@ def average(
         total = sum(spec.nbytes for spec in specs)
         done = [0]
 
+        maps = [map_checkpoint(ckpt) for ckpt in ckpts]
+        accs = _Staging()
+        outs = _Staging()
+
         def fill(batch: Sequence[Spec]) -> list[Tensor]:
+            # Staging is reused from batch to batch (no fresh pages to fault in); the
+            # inputs are views of their files; the sums run a cache-sized slice at a time.
             floats = [s for s in batch if kind(s.dtype) in ("floating", "complex")]
-            accs = [torch.zeros(s.shape, dtype=_accumulator(s.dtype)) for s in floats]
-            for ckpt, factor in zip(ckpts, factors, strict=True):
-                values = [torch.empty(s.shape, dtype=s.dtype) for s in floats]
-                infos = [ckpt.tensors[s.key] for s in floats]
-                ckpt.read_into(list(zip(infos, values, strict=True)))
-                _kernels.add_(accs, values, factor, "lhs")
-                del values
-            result = dict(zip((s.key for s in floats), accs, strict=True))
-            out: list[Tensor] = []
-            dsts: list[Tensor] = []
-            srcs: list[Tensor] = []
-            for spec in batch:
-                acc = result.get(spec.key)
-                if acc is None:
-                    out.append(first.read(first.tensors[spec.key]))
-                elif acc.dtype == spec.dtype:
-                    out.append(acc)
-                else:
-                    out.append(torch.empty(spec.shape, dtype=spec.dtype))
-                    dsts.append(out[-1])
-                    srcs.append(acc)
-            _kernels.copy_(dsts, srcs)
-            return out
+            sums = accs.take([(_accumulator(s.dtype), s.shape) for s in floats])
+            values = [[m.tensors[s.key] for s in floats] for m in maps]
+            for group, parts in _slices(sums, values, _SLICE):
+                torch._foreach_zero_(group)
+                for part, factor in zip(parts, factors, strict=True):
+                    _kernels.add_(group, part, factor, "lhs")
+            for m, ckpt in zip(maps, ckpts, strict=True):
+                m.release(ckpt.tensors[s.key] for s in floats)
+            narrow = [(s, acc) for s, acc in zip(floats, sums, strict=True) if acc.dtype != s.dtype]
+            cast = outs.take([(s.dtype, s.shape) for s, _ in narrow])
+            _kernels.copy_(cast, [acc for _, acc in narrow])
+            result = dict(zip((s.key for s in floats), sums, strict=True))
+            result.update(zip((s.key for s, _ in narrow), cast, strict=True))
+            return [result.get(s.key, maps[0].tensors[s.key]) for s in batch]
 
         def report(nbytes: int) -> None:
             done[0] += nbytes
@@ -161,3 +159,60 @@ def _check_same(first: Checkpoint, other: Checkpoint) -> None:
                 f"  got: {dtype_name(theirs.dtype)} {theirs.shape}"
             )
             raise CheckpointMismatchError(msg)
+
+
+_SLICE = 1 << 18  # elements summed at once: an fp32 slice of 1 MB stays in cache
+
+
+class _Staging:
+    """One flat buffer reused for every batch, grown when a batch needs more."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, wanted: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[Tensor]:
+        """Contiguous tensors of these dtypes and shapes, views of the buffer (64-byte aligned)."""
+        sizes = [
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            for dtype, shape in wanted
+        ]
+        starts, end = [], 0
+        for size in sizes:
+            starts.append(end)
+            end += -(-size // 64) * 64
+        if self._buffer.numel() < end:
+            self._buffer = torch.empty(end, dtype=torch.uint8)
+        return [
+            self._buffer[start : start + size].view(dtype).view(shape)
+            for (dtype, shape), start, size in zip(wanted, starts, sizes, strict=True)
+        ]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return ITEMSIZE[CODE[dtype]]
+
+
+def _slices(
+    sums: Sequence[Tensor], values: Sequence[Sequence[Tensor]], limit: int
+) -> Iterator[tuple[list[Tensor], list[list[Tensor]]]]:
+    """Groups of flat slices of `sums` (and the matching slices of each input's `values`).
+
+    A group holds about `limit` elements: many small tensors together, a large one in pieces.
+    """
+    group: list[Tensor] = []
+    parts: list[list[Tensor]] = [[] for _ in values]
+    size = 0
+    for i, acc in enumerate(sums):
+        flat = acc.view(-1)
+        flats = [v[i].view(-1) for v in values]
+        for start in range(0, flat.numel(), limit):
+            piece = flat[start : start + limit]
+            group.append(piece)
+            for part, f in zip(parts, flats, strict=True):
+                part.append(f[start : start + limit])
+            size += piece.numel()
+            if size >= limit:
+                yield group, parts
+                group, parts, size = [], [[] for _ in values], 0
+    if group:
+        yield group, parts

@@ -1,18 +1,13 @@
 """Loading without a target: a standalone ModelState with the file's values, frozen set, ties.
 
-The values are mapped from the files copy-on-write (``mmap.ACCESS_COPY``, as
-``safetensors.torch.load_file`` does): nothing is read until a page is used, a write lands in
-a private copy of its page and never reaches the file, and each tensor keeps its file's
-mapping alive (the mapping outlives the open file, and the file itself, on POSIX). A tensor
-whose data does not start at a multiple of its element size (possible only in files written
-by other tools) is read into fresh memory instead.
+The values are mapped from the files copy-on-write (`_mapping`, as
+``safetensors.torch.load_file`` does): nothing is read until a page is used, and writing a
+tensor never changes the file.
 """
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,7 +15,7 @@ from torch import Tensor
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointError
 from torch_modelstate._paths import to_path
 from torch_modelstate._state import ModelState
-from torch_modelstate.checkpoint._codec import ITEMSIZE, TensorInfo
+from torch_modelstate.checkpoint._codec import TensorInfo
 from torch_modelstate.checkpoint._entry import Saved, transform
 from torch_modelstate.checkpoint._files import Checkpoint
 
@@ -61,30 +56,6 @@ def load_standalone(
     except (KeyError, ValueError, TypeError) as err:
         msg = f"{file}: the checkpoint's ties are inconsistent: {err}"
         raise CheckpointCorruptError(msg) from None
-
-
-def mapped(ckpt: Checkpoint, tensors: Mapping[str, TensorInfo]) -> dict[str, Tensor]:
-    """Every tensor of `tensors` as a copy-on-write view of its file's mapping."""
-    maps: dict[Path, mmap.mmap] = {}
-    for shard in ckpt.shards:
-        if shard.size:
-            # The shard's handle is the file whose header was checked; mmap keeps its own
-            # duplicate of the descriptor, so the mapping outlives the handle.
-            maps[shard.path] = mmap.mmap(shard.handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    out: dict[str, Tensor] = {}
-    unaligned: list[tuple[TensorInfo, Tensor]] = []
-    for key, info in tensors.items():
-        dtype = info.torch_dtype
-        if info.nbytes == 0 or info.start % ITEMSIZE[info.dtype]:
-            out[key] = torch.empty(info.shape, dtype=dtype)
-            unaligned.append((info, out[key]))
-            continue
-        raw = torch.frombuffer(
-            maps[info.file], dtype=torch.uint8, count=info.nbytes, offset=info.start
-        )
-        out[key] = raw.view(dtype).view(info.shape)
-    ckpt.read_into([pair for pair in unaligned if pair[0].nbytes])
-    return out
 
 
 def read(ckpt: Checkpoint, tensors: Mapping[str, TensorInfo]) -> dict[str, Tensor]:
