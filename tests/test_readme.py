@@ -180,3 +180,22 @@ def test_concepts_section_explains_the_four_ideas() -> None:
         "checkpoint",
     ):
         assert idea in concepts, idea
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_example_script_runs_without_a_warning(script: Path, tmp_path: Path) -> None:
+    """Each script in examples/ runs (warnings are errors); the quickstart prints the tour's
+    summary."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    if script.name == "quickstart.py":
+        (tour,) = [b for b in ALL if b.page == README and b.heading == "Thirty seconds"]
+        assert tour.output is not None
+        assert done.stdout.strip() == tour.output.strip()
