@@ -255,3 +255,14 @@ def test_replacing_a_transform_ties_source_module_is_reported_and_untie_recovers
     assert ms.ties() == {}
     ms.tie("dec.weight", "enc.weight", "transpose")
     assert torch.equal(model["dec"].weight, model["enc"].weight.t())
+
+
+def test_a_shallow_copy_does_not_use_its_originals_index() -> None:
+    """A module whose __dict__ was copied (copy.copy, DataParallel replicas) gets its own index."""
+    model = net()
+    ModelState.new(model).to_dict()
+    twin = copy.copy(model)
+    twin._modules = dict(model._modules)
+    twin._modules["b"] = nn.Linear(3, 2)
+    assert ModelState.new(twin)["b.weight"] is twin.b.weight
+    assert ModelState.new(model)["b.weight"] is model.b.weight

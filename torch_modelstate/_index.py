@@ -56,7 +56,17 @@ class Index:
     destinations to their leaf, ``ties`` maps each destination to its `Tie`.
     """
 
-    __slots__ = ("_checks", "by_key", "keys", "leaves", "order", "orphans", "paths", "ties")
+    __slots__ = (
+        "_checks",
+        "_root",
+        "by_key",
+        "keys",
+        "leaves",
+        "order",
+        "orphans",
+        "paths",
+        "ties",
+    )
 
     def __init__(self, leaves: list[Leaf], ties: dict[str, Tie], order: list[str]) -> None:
         self.leaves = leaves
@@ -69,6 +79,7 @@ class Index:
             if tie.fn is None:
                 self.by_key[tie.dest] = self.by_key[tie.source]
         self._checks: tuple[Any, ...] | None = None
+        self._root: nn.Module | None = None  # the module indexed (None for a dict)
         # Transform destinations whose source's module left the model: {key: (owner, name)}.
         self.orphans: dict[str, tuple[nn.Module, str]] = {}
 
@@ -162,7 +173,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 def current_index(root: nn.Module) -> Index:
     """The index kept with `root` if it is still current, else a fresh one (then kept)."""
     held = root.__dict__.get(_HELD)
-    if isinstance(held, Index) and held.is_current():
+    # `held._root is root`: a module whose __dict__ was copied (DataParallel's replicas,
+    # copy.copy) carries its original's index, which describes the original.
+    if isinstance(held, Index) and held._root is root and held.is_current():
         return held
     index = index_module(root)
     root.__dict__[_HELD] = index
@@ -243,6 +256,7 @@ def index_module(root: nn.Module) -> Index:
             ties[key] = Tie(key, source_key, record.fn, record.name, owner, name)
     index = Index(leaves, ties, [key for key in order if key not in orphans])
     index.orphans = orphans
+    index._root = root
     np_copies = [set(s) for s in np_sets]
     index._checks = (holders, names, objects, sized, list(map(len, sized)), np_sets, np_copies)
     return index
