@@ -187,6 +187,18 @@ def test_merge_bad_shard_size_names_the_flag(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --max-shard-size:" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        cli.main(["merge", str(a), str(b), "-o", str(a.parent / "o"), "--max-shard-size", "0"])
+    err = capsys.readouterr().err
+    assert "argument --max-shard-size: must be positive" in err and "max_shard_size" not in err
+
+
+def test_library_messages_name_the_flags() -> None:
+    """A library message naming a Python parameter shows the flag instead, parts kept."""
+    err = ValueError("`weights` must sum to 1.\n  got: [0.0]\n  fix: pass `max_shard_size`")
+    assert (
+        cli._one_line(err) == "`--weights` must sum to 1; got: [0.0]; fix: pass `--max-shard-size`"
+    )
 
 
 def test_merge_method_defaults_to_mean(

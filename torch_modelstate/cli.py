@@ -89,7 +89,9 @@ def _size(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(_one_line(err)) from None
+        # argparse names the flag before the message: "argument --max-shard-size: ..."
+        text = _joined(err).replace("`max_shard_size` ", "")
+        raise argparse.ArgumentTypeError(text) from None
 
 
 def _parser() -> _Parser:
@@ -240,10 +242,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 70
 
 
+# The library's parameter names, as the user typed them on the command line.
+_FLAGS = {
+    "`max_shard_size`": "`--max-shard-size`",
+    "`weights`": "`--weights`",
+    "`output`": "`-o/--output`",
+}
+
+
 def _one_line(err: BaseException) -> str:
-    """The message on one line, its parts (lines) joined by ``; ``."""
+    """The message on one line, its parts (lines) joined by ``; ``, flags as typed."""
     if isinstance(err, OSError) and err.strerror and err.filename:
         return f"{err.strerror}: {err.filename}"
+    return _flags(_joined(err))
+
+
+def _flags(text: str) -> str:
+    for name, flag in _FLAGS.items():
+        text = text.replace(name, flag)
+    return text
+
+
+def _joined(err: BaseException) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     parts = [part.strip() for part in text.splitlines() if part.strip()]
     # "a sentence.\n  fix: ..." reads "a sentence; fix: ..." on one line.
