@@ -214,9 +214,7 @@ def _entry(file: Path, key: str, entry: object, base: int) -> tuple[TensorInfo, 
             file, f"tensor `{key}` has the unsupported dtype {code!r} (supported: {known})."
         )
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        rank = (
-            f" ({len(shape)} dimensions, more than {MAX_RANK})" if isinstance(shape, list) else ""
-        )
+        rank = f" ({len(shape)} dimensions, at most {MAX_RANK})" if isinstance(shape, list) else ""
         raise corrupt(file, f"tensor `{key}` has the invalid shape {_short(shape)}{rank}.")
     # Bounded before any arithmetic: every dimension, and the product of the non-zero
     # ones (so that strides and byte counts fit in 64 bits even for an empty tensor).
