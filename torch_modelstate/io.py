@@ -27,8 +27,11 @@ needed) that receives ``model-00001-of-0000N.safetensors`` and
 shard. Writing ``model.safetensors`` or shards into a directory replaces the checkpoint
 files (index, ``model.safetensors``, ``model-*-of-*.safetensors``) of an earlier save
 there. Every file is written under a temporary name, synced, and renamed into place when
-complete, the index last (the old index is removed before the new shards are renamed), so
-a crash never leaves a half-written or mixed checkpoint under the final names. Tensors
+complete, the index last, and the previous layout's files are removed after that; every
+file carries the save's id, so a load refuses files of two saves (`CheckpointCorruptError`)
+where the fixed names cannot be replaced at once. Saves to one path are serialised by an
+advisory lock; only regular files are read. See ``torch_modelstate.checkpoint._writer``
+for exactly what holds under kills, failures and concurrent writers. Tensors
 are written one at a time; only those that are not contiguous CPU tensors are copied,
 in batches of at most 64 MB (or one larger tensor).
 
