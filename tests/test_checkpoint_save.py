@@ -5,7 +5,6 @@ collective saves and loads (tensors produced one at a time, rows read into a buf
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from torch import Tensor
 
 import torch_modelstate as tms
 from torch_modelstate import CheckpointCorruptError
-from torch_modelstate.checkpoint import _writer
+from torch_modelstate.checkpoint import _steps, _writer
 from torch_modelstate.checkpoint._codec import Spec
 from torch_modelstate.checkpoint._files import open_checkpoint
 from torch_modelstate.checkpoint._stamp import SAVE_ID_KEY, SHARD_KEY, read_stamp
@@ -221,11 +220,49 @@ def test_disk_full_while_writing_names_the_file(
     assert listing(tmp_path) == before
 
 
-# --------------------------------------------------------------------------- lock and cleanup
+# --------------------------------------------------------------------------- order, lock, cleanup
 
 
+def test_a_layout_change_renames_new_shards_then_the_index_then_retires_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 shards to 6: the old index names intact shards until the new index replaces it."""
+    tms.save(values(1), tmp_path, max_shard_size=512)
+    steps: list[tuple[str, str]] = []
+    monkeypatch.setattr(_steps, "step", lambda name, path: steps.append((name, path.name)))
+    tms.save(values(2), tmp_path, max_shard_size=256)
+    names = [name for name, _ in steps]
+    assert names[0] == "lock" and names[-1] == "unlock"
+    renames = [path for name, path in steps if name == "rename"]
+    assert renames == [
+        *(f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)),
+        "model.safetensors.index.json",
+    ]
+    last_rename = max(i for i, name in enumerate(names) if name == "rename")
+    first_unlink = min(i for i, name in enumerate(names) if name == "unlink")
+    assert first_unlink > last_rename
+    removed = [path for name, path in steps if name == "unlink"]
+    assert removed == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+def test_a_load_opens_only_through_the_seam(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file a load opens goes through the one seam, index first."""
+    tms.save(values(1), tmp_path, max_shard_size=512)
+    opened: list[str] = []
+    monkeypatch.setattr(_steps, "step", lambda name, path: opened.append(f"{name} {path.name}"))
+    tms.load(tmp_path)
+    assert opened == [
+        "open model.safetensors.index.json",
+        *(f"open model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+    ]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads /proc/locks")
 def test_a_save_waits_for_the_lock_of_another_writer(tmp_path: Path) -> None:
     """While another process holds the checkpoint's lock, a save blocks; then it proceeds."""
+    fcntl = pytest.importorskip("fcntl")
     tms.save(values(1), tmp_path)
     lock = tmp_path / ".model.safetensors.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
