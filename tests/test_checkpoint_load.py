@@ -51,10 +51,7 @@ def requires_grad(model: nn.Module) -> dict[str, bool]:
 
 # --------------------------------------------------------------------------- frozen=
 
-UNTIL_FLIP = pytest.mark.xfail(reason="until the default flips to frozen='keep'", strict=True)
 
-
-@UNTIL_FLIP
 def test_load_keeps_the_targets_frozen_parameters_by_default(tmp_path: Path) -> None:
     """Build, freeze, load (the timm/Lightning order): the frozen backbone stays frozen."""
     path = saved(tmp_path, net())
@@ -67,7 +64,6 @@ def test_load_keeps_the_targets_frozen_parameters_by_default(tmp_path: Path) -> 
     assert same(values(target), values(net()))
 
 
-@UNTIL_FLIP
 def test_load_keeps_the_targets_frozen_buffers_by_default(tmp_path: Path) -> None:
     """A frozen buffer of the target stays frozen; one frozen in the file does not freeze it."""
     source = net()
@@ -102,7 +98,7 @@ def test_frozen_file_needs_a_file_that_records_a_frozen_set(tmp_path: Path) -> N
     assert same(values(target), before)
 
 
-@pytest.mark.parametrize("bad", ["yes", "FILE", pytest.param(None, marks=UNTIL_FLIP), True])
+@pytest.mark.parametrize("bad", ["yes", "FILE", None, True])
 def test_frozen_must_be_keep_or_file(tmp_path: Path, bad: object) -> None:
     """Any other value is a ValueError naming both choices; the target is untouched."""
     path = saved(tmp_path, net())

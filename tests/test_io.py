@@ -242,7 +242,7 @@ def test_frozen_parameters_and_buffers_round_trip_into_a_model(tmp_path: Path) -
     model = build()
     ModelState.new(model).freeze(["enc.**", "bn.running_mean"])
     target = build(seed=4)
-    ms = tms.load(saved(tmp_path, model), into=target)
+    ms = tms.load(saved(tmp_path, model), into=target, frozen="file")
     assert list(ms.frozen_parameters()) == ["enc.weight", "enc.bias"]
     assert list(ms.frozen_state()) == ["bn.running_mean"]
     assert not target["enc"].weight.requires_grad
@@ -253,7 +253,7 @@ def test_loading_restores_exactly_the_saved_frozen_set(tmp_path: Path) -> None:
     path = saved(tmp_path)
     target = build(seed=4)
     ModelState.new(target).freeze()
-    ms = tms.load(path, into=target)
+    ms = tms.load(path, into=target, frozen="file")
     assert ms.frozen_parameters() == {} and ms.frozen_state() == {}
 
 
@@ -505,7 +505,7 @@ def test_sharded_checkpoint_round_trips_from_the_directory_or_the_index(tmp_path
     tms.save(model, tmp_path, max_shard_size="100B")
     assert_values(tms.load(tmp_path).to_dict(), snapshot(model))
     target = build(seed=9, tie=False)
-    ms = tms.load(tmp_path / "model.safetensors.index.json", into=target)
+    ms = tms.load(tmp_path / "model.safetensors.index.json", into=target, frozen="file")
     assert_values(snapshot(target), snapshot(model))
     assert ms.ties() == {"dec.weight": "enc.weight", "head.weight": "emb.weight"}
     assert list(ms.frozen_state()) == [

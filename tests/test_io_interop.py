@@ -173,7 +173,7 @@ def test_gpt2_round_trip_keeps_frozen_flags(tmp_path: Path) -> None:
     ModelState.new(source).freeze("transformer.h.0.**")
     tms.save(source, tmp_path / "m.safetensors")
     target = gpt2(seed=1)
-    ms = tms.load(tmp_path / "m.safetensors", into=target)
+    ms = tms.load(tmp_path / "m.safetensors", into=target, frozen="file")
     assert list(ms.frozen_parameters()) == list(ModelState.new(source).frozen_parameters())
 
 

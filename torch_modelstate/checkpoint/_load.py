@@ -31,7 +31,7 @@ def load(
     into: nn.Module | ModelState | None = None,
     *,
     strict: bool = True,
-    frozen: Frozen | None = None,
+    frozen: Frozen = "keep",
     rename: Rename | None = None,
 ) -> ModelState:
     """Load a checkpoint (a file, a directory or an index): values, frozen set and ties.
@@ -71,15 +71,13 @@ def load(
             "  fix: for a dict of tensors, pass ModelState.new(tensors)"
         )
         raise TypeError(msg)
-    chosen = None if frozen is None else _check_frozen(frozen)
+    chosen = _check_frozen(frozen)
     check_rename(rename)
     with open_checkpoint(path) as ckpt:
         saved = read_entry(ckpt)
         if into is None:
             saved, stored = apply_rename(ckpt.path, saved, ckpt.tensors, rename, strict)
             return load_standalone(ckpt, saved, stored)
-        # Until the callers that rely on the old default pass frozen="file", None keeps it.
-        chosen = chosen or ("file" if saved.frozen is not None else "keep")
         target = ModelState.new(into)
         # FSDP2 targets: the checks are collective; if one rank fails, every rank raises (dist)
         with _distributed.agreement(target.state_dict().values()):

@@ -28,7 +28,19 @@ from torch_modelstate.checkpoint._writable import problems as writability
 
 @dataclass(frozen=True, slots=True)
 class LoadReport:
-    """What loading a checkpoint into a target does (see `check`); keys in file order."""
+    """What loading a checkpoint into a target does (see `check`); keys in file order.
+
+    Keys are those after `rename`, i.e. the target's.
+
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> import torch_modelstate as tms
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> tms.save({"weight": torch.ones(2, 2, dtype=torch.float64)}, path)
+    >>> report = tms.io.check(path, nn.Linear(2, 2), strict=False)
+    >>> report.loaded, report.cast, report.missing
+    (('weight',), ('weight',), ('bias',))
+    """
 
     loaded: tuple[str, ...]
     """Keys of the file whose values are written into the target."""
