@@ -214,3 +214,19 @@ def test_an_fp32_shadow_of_a_bf16_model_merges_without_a_model_sized_copy(
     added.merge(model, merges.add(0.5))
     for key, value in added.to_dict().items():
         assert torch.equal(value, shadow.to_dict()[key] + 0.5 * model[key].float()), key
+
+
+def test_stochastic_rounding_writes_non_contiguous_bf16_tensors_the_same_way() -> None:
+    """A transposed bf16 lhs (written by casting) gets the bits a contiguous one gets."""
+    base = torch.randn(16, 8).bfloat16()
+    rhs = torch.randn(16, 8)
+    plain = base.clone()
+    strided = base.t().contiguous().t()  # the same values, column-major
+    assert not strided.is_contiguous()
+    for lhs in (plain, strided):
+        step = merges.lerp(0.3, rounding="stochastic", generator=torch.Generator().manual_seed(5))
+        step.apply_([lhs], [rhs])
+    assert torch.equal(plain.view(torch.int16), strided.contiguous().view(torch.int16))
+    exact = torch.lerp(base.float(), rhs, 0.3)
+    below = exact.bfloat16().float()
+    assert ((plain.float() - exact).abs() <= (below - exact).abs() + 2 ** -6).all()

@@ -12,11 +12,12 @@ mantissa in the fp32 bit pattern, the bits below it are cleared (truncation, tow
 magnitude), and the now exactly representable values are written through
 `_kernels.copy_`. bf16 shares fp32's exponent, so this is exact everywhere; for fp16 it is
 exact in fp16's normal range, and values below 2**-14 (fp16 subnormals) are rounded to
-nearest. Infinities and NaNs pass through unchanged.
+nearest. Infinities and (torch's) NaNs pass through unchanged.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,9 @@ __all__ = ["LOW_PRECISION", "lerp_"]
 
 # Bits of an fp32 mantissa below each target's mantissa.
 LOW_PRECISION: dict[torch.dtype, int] = {torch.bfloat16: 16, torch.float16: 13}
+
+# Where the high 16 bits of an fp32 lie when it is viewed as two int16s.
+_HIGH_HALF: int | None = 1 if sys.byteorder == "little" else None
 
 # Elements computed in fp32 at once (three fp32 buffers of this size live at a time).
 CHUNK = 1 << 22
@@ -50,14 +54,21 @@ def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], 
 
 
 def round_(values: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> None:
-    """Round the fp32 `values` in place, stochastically, to numbers `dtype` holds exactly."""
+    """Round the fp32 `values` in place, stochastically, to numbers `dtype` holds exactly.
+
+    Adding fewer than ``2**bits`` to the bit pattern of an infinity or of a NaN (whose
+    payload torch keeps in the high mantissa bits) and clearing the low bits gives it back.
+    """
     bits = LOW_PRECISION[dtype]
-    noise = torch.randint(
-        0, 1 << bits, values.shape, dtype=torch.int32, device=values.device, generator=generator
-    )
+    noise = torch.empty(values.shape, dtype=torch.int16, device=values.device)
     pattern = values.view(torch.int32)
-    finite = values.isfinite()
-    pattern.add_(noise.mul_(finite))  # leave inf and NaN as they are
+    if bits == 16:
+        # Signed 16-bit noise plus 2**15 is uniform over [0, 2**16).
+        noise.random_(-(1 << 15), 1 << 15, generator=generator)
+        pattern.add_(noise).add_(1 << 15)
+    else:
+        noise.random_(0, 1 << bits, generator=generator)
+        pattern.add_(noise)
     pattern.bitwise_and_(-(1 << bits))
 
 
@@ -90,5 +101,20 @@ def lerp_(
             a.lerp_(b, weight)
             del b
             round_(a, dtype, generator)
-            pieces = a.split_with_sizes([t.numel() for t in chunk_l])
+            sizes = [t.numel() for t in chunk_l]
+            if dtype == torch.bfloat16 and _HIGH_HALF is not None and _all_plain(chunk_l):
+                # The rounded values are exact in bf16: their bf16 bits are the high half of
+                # each fp32 pattern, copied as int16 (a cast would round again, slowly).
+                halves = a.view(torch.int16)[_HIGH_HALF::2].split_with_sizes(sizes)
+                dsts = [t.view(torch.int16) for t in chunk_l]
+                _kernels.copy_(
+                    dsts, [h.view(t.shape) for h, t in zip(halves, chunk_l, strict=True)]
+                )
+                continue
+            pieces = a.split_with_sizes(sizes)
             _kernels.copy_(chunk_l, [p.view(t.shape) for p, t in zip(pieces, chunk_l, strict=True)])
+
+
+def _all_plain(tensors: list[Tensor]) -> bool:
+    """Contiguous, not a DTensor or other subclass: an int16 view of each is its memory."""
+    return all(type(t) in (Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
