@@ -229,4 +229,4 @@ def test_stochastic_rounding_writes_non_contiguous_bf16_tensors_the_same_way() -
     assert torch.equal(plain.view(torch.int16), strided.contiguous().view(torch.int16))
     exact = torch.lerp(base.float(), rhs, 0.3)
     below = exact.bfloat16().float()
-    assert ((plain.float() - exact).abs() <= (below - exact).abs() + 2 ** -6).all()
+    assert ((plain.float() - exact).abs() <= (below - exact).abs() + 2**-6).all()
