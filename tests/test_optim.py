@@ -6,10 +6,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torch_modelstate as tms
 from torch_modelstate import ModelState, optim
+from torch_modelstate._masks import compile_mask
 
 OPTIMIZERS = [torch.optim.AdamW, torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop,
               torch.optim.Adagrad]  # fmt: skip
@@ -354,3 +357,30 @@ def test_public_names() -> None:
     assert tms.save_optimizer is optim.save_optimizer
     assert tms.load_optimizer is optim.load_optimizer
     assert {"optim", "save_optimizer", "load_optimizer"} <= set(tms.__all__)
+
+
+KEYS = list(ModelState.new(net()).parameters())
+GLOBS = ["**.bias", "blocks.*.0.**", "blocks.1.**", "embed.**", "head.weight", "norm.**"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frozen=st.sets(st.sampled_from(KEYS)),
+    rules=st.lists(st.sampled_from(GLOBS), max_size=4),
+)
+def test_groups_partition_the_trainable_parameters_by_first_match(
+    frozen: set[str], rules: list[str]
+) -> None:
+    """Every trainable parameter is in exactly one group: that of the first rule naming it."""
+    model = net()
+    ms = ModelState.new(model)
+    if frozen:
+        ms.freeze(sorted(frozen))
+    groups = ms.param_groups([(g, {"lr": float(i)}) for i, g in enumerate(rules)])
+    flat = [k for g in groups for k in g["param_names"]]
+    assert sorted(flat) == sorted(ms.trainable_parameters())
+    assert len(flat) == len(set(flat)) and all(g["params"] for g in groups)
+    for group in groups:
+        for key in group["param_names"]:
+            first = next((i for i, g in enumerate(rules) if compile_mask(g)(key)), None)
+            assert group.get("lr") == (None if first is None else float(first)), key
