@@ -18,14 +18,7 @@ pytestmark = pytest.mark.distributed
 
 NAMES = check_names(_dist_checks_ckpt)
 # Checks whose feature another engineer is landing (strict: they fail loudly once it lands).
-_SAVE_HOOK = "ckpt: the _collective.save hook in checkpoint/_save.py"
-PENDING: dict[str, str] = {
-    "check_a_tie_made_after_fully_shard_is_refused_clearly": "ties: tie() refuses DTensors",
-    "check_collective_save_writes_one_plain_checkpoint": _SAVE_HOOK,
-    "check_collective_save_of_the_sharded_layout": _SAVE_HOOK,
-    "check_collective_save_failure_raises_on_every_rank": _SAVE_HOOK,
-    "check_tied_embeddings_survive_collective_save_and_load": _SAVE_HOOK,
-}
+PENDING: dict[str, str] = {}
 PARAMS = [
     pytest.param(n, id=n.removeprefix("check_"), marks=[pytest.mark.xfail(reason=PENDING[n])])
     if n in PENDING

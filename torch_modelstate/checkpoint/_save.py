@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from torch_modelstate import _kernels
 from torch_modelstate._state import ModelState
-from torch_modelstate.checkpoint import _budget
+from torch_modelstate.checkpoint import _budget, _collective
 from torch_modelstate.checkpoint._codec import CODE, Spec, is_plain_cpu
 from torch_modelstate.checkpoint._entry import METADATA_KEY, describe
 from torch_modelstate.checkpoint._layout import parse_size
@@ -55,6 +55,9 @@ def save(
         specs.append(Spec(leaf.key, tensor.dtype, tuple(tensor.shape)))
     entry = describe(ms, index)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(entry, separators=(",", ":"))}
+    if _collective.is_collective(list(tensors.values())):  # FSDP2: every rank calls (dist)
+        _collective.save(path, specs, metadata, tensors, max_shard_size=limit)
+        return
 
     def fill(batch: Sequence[Spec]) -> list[Tensor]:
         out: list[Tensor] = []
