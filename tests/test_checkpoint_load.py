@@ -448,6 +448,19 @@ def test_a_load_file_tensor_as_a_buffer_loads(tmp_path: Path) -> None:
     assert torch.equal(model.table, torch.zeros(16))
 
 
+# --------------------------------------------------------------------------- one shard alone
+
+
+def test_one_shard_alone_is_refused_with_the_way_to_load_it(tmp_path: Path) -> None:
+    """A shard of a sharded save is part of a model: load its directory or index instead."""
+    tms.save(net(), tmp_path / "ck", max_shard_size="100B")
+    shard = sorted((tmp_path / "ck").glob("model-*.safetensors"))[0]
+    for into in (None, net(seed=1)):
+        with pytest.raises(CheckpointError, match=r"(?s)shard 1 of \d+.*index") as err:
+            tms.load(shard, into=into)
+        assert "malformed" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- logging kept
 
 

@@ -30,6 +30,7 @@ from torch_modelstate._index import Index
 from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint._codec import TensorInfo
 from torch_modelstate.checkpoint._files import Checkpoint
+from torch_modelstate.checkpoint._stamp import read_stamp
 
 METADATA_KEY = "torch_modelstate"
 VERSION = 1
@@ -137,8 +138,21 @@ def _owner(key: str, owners: Mapping[str, str]) -> str:
 
 
 def read_entry(ckpt: Checkpoint) -> Saved:
-    """The checked metadata entry of an open checkpoint (every shard must carry the same)."""
+    """The checked metadata entry of an open checkpoint (every shard must carry the same).
+
+    One shard of a sharded save, opened on its own, is refused with the way to load it.
+    """
     stored = ckpt.tensors
+    if ckpt.index is None and ckpt.shards:
+        stamp = read_stamp(ckpt.path, ckpt.metadata)
+        if stamp is not None and stamp.shard is not None and (stamp.of or 0) > 1:
+            msg = (
+                f"{ckpt.path}: this file is shard {stamp.shard} of {stamp.of} of a sharded "
+                "checkpoint; it holds only part of the model.\n"
+                f"  fix: load its directory ({ckpt.path.parent}) or its index "
+                "(model.safetensors.index.json)"
+            )
+            raise CheckpointError(msg)
     raw = ckpt.metadata.get(METADATA_KEY)
     for shard in ckpt.shards[1:]:
         if shard.metadata.get(METADATA_KEY) != raw:
