@@ -70,6 +70,7 @@ _IS_CPU = attrgetter("is_cpu")
 _IS_CONTIGUOUS = Tensor.is_contiguous
 _IS_INFERENCE = Tensor.is_inference
 _STRIDED = {torch.strided}
+_FLOAT32 = {torch.float32}
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 _FLOAT8 = {
     getattr(torch, name)
@@ -133,8 +134,9 @@ def plan_update(
     srcs: list[Tensor] = []
     # Over a sharded model every rank validates, and if one fails all raise the same error
     # before any rank writes. The decision hangs on the model's tensors, alike on all ranks.
-    model = list(map(_TENSOR, index.leaves))
-    with _distributed.agreement(model) if _distributed.any_dtensor(model) else nullcontext():
+    sharded = _distributed.any_dtensor(map(_TENSOR, index.leaves))
+    model = list(map(_TENSOR, index.leaves)) if sharded else []
+    with _distributed.agreement(model) if sharded else nullcontext():
         values = _as_values(updated_parameters, "updated_parameters")
         _gather(index, values, keys, dsts, srcs, None)
         if updated_state is not None:
@@ -313,7 +315,10 @@ def check_values(
                     "  fix: pass value.real (or .abs()) explicitly"
                 )
                 raise TypeError(msg)
-    if not dtypes.isdisjoint(_QUANTIZED) or not set(map(_DTYPE, targets)).isdisjoint(_QUANTIZED):
+    # float32 values fit any target, quantized ones included: only then is no pass needed.
+    if dtypes != _FLOAT32 and (
+        not dtypes.isdisjoint(_QUANTIZED) or not set(map(_DTYPE, targets)).isdisjoint(_QUANTIZED)
+    ):
         _check_quantized(verb, keys, values, targets, side)
 
 
