@@ -131,7 +131,7 @@ def test_quickstart_example_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Trainable Parameters: 1120 (4.48 KB)" in result.stdout
+    assert "Trainable Parameters: 2240 (8.96 KB)" in result.stdout  # blocks 2 and 3
 
 
 def test_demo_uses_only_the_public_api() -> None:
