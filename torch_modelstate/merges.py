@@ -33,7 +33,17 @@ Rounding: TypeAlias = Literal["nearest", "stochastic"]
 
 
 class Merge:
-    """A merge function that also runs as grouped in-place kernels."""
+    """A merge function that also runs as grouped in-place kernels.
+
+    Call it like any merge function, ``fun(path, lhs, rhs)``, for one tensor's merged value;
+    `ModelState.merge` recognises a `Merge` and applies it to all tensors at once.
+
+    >>> import torch
+    >>> from torch_modelstate import merges
+    >>> step = merges.ema(0.5)
+    >>> isinstance(step, merges.Merge), step(["w"], torch.zeros(2), torch.ones(2))
+    (True, tensor([0.5000, 0.5000]))
+    """
 
     __slots__ = ("nonfloat",)
 

@@ -20,6 +20,16 @@ The recipes people write by hand for every fine-tune, each as one call:
   lr=1e-4)`` adds the newly trainable parameters as one new param group;
 - resuming: ``tms.save_optimizer(opt, model, path)`` / ``tms.load_optimizer(opt, model,
   path)`` store the state by parameter key in a plain safetensors file.
+
+>>> import torch
+>>> from torch import nn
+>>> from torch_modelstate import ModelState, optim
+>>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+>>> ms = ModelState.new(model).freeze("2.**")
+>>> opt = torch.optim.AdamW(ms.param_groups({optim.no_decay(model): {"weight_decay": 0.0}}))
+>>> _ = ms.unfreeze("2.**", optimizer=opt, lr=1e-4)
+>>> [g["param_names"] for g in opt.param_groups]
+[['0.bias', '1.weight', '1.bias'], ['0.weight'], ['2.weight', '2.bias']]
 """
 
 from __future__ import annotations
