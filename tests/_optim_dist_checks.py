@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import torch_modelstate as tms
-from torch_modelstate import ModelState, optim
+from torch_modelstate import ModelState, merges, optim
 
 
 def _sharded() -> nn.Module:
@@ -73,3 +73,19 @@ def check_save_optimizer_of_a_sharded_model_is_refused_clearly(ctx: Ctx) -> None
     with pytest.raises(TypeError, match=r"torch\.distributed\.checkpoint"):
         tms.save_optimizer(opt, model, ctx.tmp / f"opt{ctx.rank}.safetensors")
     assert not (ctx.tmp / f"opt{ctx.rank}.safetensors").exists()
+
+
+def check_stochastic_ema_of_a_sharded_model_rounds_each_shard(ctx: Ctx) -> None:
+    """rounding='stochastic' into a sharded bf16 model works locally, like its plain twin."""
+    model = _sharded().to(torch.bfloat16)
+    ms = ModelState.new(model)
+    target = {k: torch.ones(v.shape) for k, v in ms.parameters().items()}
+    before = {k: v.full_tensor().float() for k, v in ms.parameters().items()}
+    ms.merge(target, merges.ema(0.5, rounding="stochastic"))
+    for key, value in ms.parameters().items():
+        assert isinstance(value, DTensor) and value.dtype == torch.bfloat16, key
+        exact = (before[key] + 1.0) / 2
+        ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+        assert ((value.full_tensor().float() - exact).abs() <= ulp).all(), key
+    with pytest.raises(TypeError, match="sharded"):
+        ms.merge(target, merges.slerp(0.5))

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from torch_modelstate import _kernels
+from torch_modelstate import _distributed, _kernels
 from torch_modelstate._kernels import NonFloat
 
 __all__ = ["LOW_PRECISION", "lerp_"]
@@ -83,7 +83,9 @@ def lerp_(
     """``lhs[i] += weight * (rhs[i] - lhs[i])``, rounded stochastically into bf16/fp16 lhs.
 
     Other tensors take the plain grouped kernel (`_kernels.lerp_`, nearest rounding).
+    DTensors (FSDP2) are rounded shard by shard, with no communication.
     """
+    lhs, rhs = _distributed.local_pairs(lhs, rhs)
     low = [i for i, t in enumerate(lhs) if t.dtype in LOW_PRECISION]
     if len(low) < len(lhs):
         chosen = set(low)

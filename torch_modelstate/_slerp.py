@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from torch_modelstate import _kernels
+from torch_modelstate import _distributed, _kernels
 from torch_modelstate._kernels import NonFloat
 
 __all__ = ["DOT_THRESHOLD", "EPS", "slerp", "slerp_"]
@@ -83,6 +83,14 @@ def _values(ls: list[Tensor], rs: list[Tensor], t: float) -> list[Tensor]:
 @torch.no_grad()
 def slerp_(lhs: list[Tensor], rhs: list[Tensor], t: float, nonfloat: NonFloat) -> None:
     """Write the spherical interpolation of ``lhs[i]`` towards ``rhs[i]`` into ``lhs[i]``."""
+    if _distributed.any_dtensor(lhs) or _distributed.any_dtensor(rhs):
+        msg = (
+            "merges.slerp: the angle between two tensors needs each tensor whole, and these "
+            "are sharded (DTensor / FSDP2).\n"
+            "  fix: merge unsharded copies (e.g. two checkpoints with `torch-modelstate merge "
+            "--method slerp`), or use merges.lerp, which works shard by shard"
+        )
+        raise TypeError(msg)
     if any(x.is_complex() for x in lhs):
         msg = (
             "merges.slerp: complex tensors have no angle in this sense.\n"
