@@ -138,7 +138,14 @@ class ModelState:
 
     @property
     def module(self) -> nn.Module | None:
-        """The module this state views, or None for a standalone state."""
+        """The module this state views (the plain model inside a ``torch.compile``, DDP or
+        DataParallel wrapper), or None for a standalone state.
+
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> ModelState.new(nn.DataParallel(model)).module is model
+        True
+        """
         return self._module
 
     def clone(
@@ -265,27 +272,62 @@ class ModelState:
         return out
 
     def parameters(self) -> dict[str, Tensor]:
-        """Every parameter by key, in module order; tie destinations left out."""
+        """Every parameter by key, in module order; tie destinations left out.
+
+        >>> from torch import nn
+        >>> list(ModelState.new(nn.Linear(2, 2)).parameters())
+        ['weight', 'bias']
+        """
         return self._select(True, None)
 
     def state(self) -> dict[str, Tensor]:
-        """Every persistent buffer (BatchNorm statistics, counters...) by key."""
+        """Every persistent buffer (BatchNorm statistics, counters...) by key.
+
+        >>> from torch import nn
+        >>> list(ModelState.new(nn.BatchNorm1d(2)).state())
+        ['running_mean', 'running_var', 'num_batches_tracked']
+        """
         return self._select(False, None)
 
     def trainable_parameters(self) -> dict[str, Tensor]:
-        """Parameters that are not frozen: hand ``.values()`` to an optimizer."""
+        """Parameters that are not frozen: hand ``.values()`` to an optimizer.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> ms = ModelState.new(nn.Linear(2, 2)).freeze("bias")
+        >>> optimizer = torch.optim.SGD(ms.trainable_parameters().values(), lr=0.1)
+        >>> list(ms.trainable_parameters())
+        ['weight']
+        """
         return self._select(True, False)
 
     def frozen_parameters(self) -> dict[str, Tensor]:
-        """Frozen parameters (``requires_grad=False`` for a module)."""
+        """Frozen parameters (``requires_grad=False`` for a module).
+
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 2)
+        >>> _ = layer.bias.requires_grad_(False)
+        >>> list(ModelState.new(layer).frozen_parameters())
+        ['bias']
+        """
         return self._select(True, True)
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """State that forward passes may update."""
+        """State that forward passes may update.
+
+        >>> from torch import nn
+        >>> list(ModelState.new(nn.BatchNorm1d(2)).freeze("running_var").trainable_state())
+        ['running_mean', 'num_batches_tracked']
+        """
         return self._select(False, False)
 
     def frozen_state(self) -> dict[str, Tensor]:
-        """State that keeps its value through forward passes."""
+        """State that keeps its value through forward passes.
+
+        >>> from torch import nn
+        >>> list(ModelState.new(nn.BatchNorm1d(2)).freeze("running_*").frozen_state())
+        ['running_mean', 'running_var']
+        """
         return self._select(False, True)
 
     def to_dict(self) -> dict[str, Tensor]:
@@ -317,11 +359,23 @@ class ModelState:
 
         Two attributes holding one ``Parameter`` (Hugging Face's tied embeddings) are a tie
         whose destination is the later key in module order.
+
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10)})
+        >>> model["head"].weight = model["embed"].weight
+        >>> ModelState.new(model).ties()
+        {'head.weight': 'embed.weight'}
         """
         return {dest: tie.source for dest, tie in self._idx().ties.items()}
 
     def transforms(self) -> dict[str, str | None]:
-        """``{destination: transform name}`` for transform ties (None: an unnamed callable)."""
+        """``{destination: transform name}`` for transform ties (None: an unnamed callable).
+
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"enc": nn.Linear(4, 2), "dec": nn.Linear(2, 4)})
+        >>> ModelState.new(model).tie("dec.weight", "enc.weight", "transpose").transforms()
+        {'dec.weight': 'transpose'}
+        """
         return {d: t.fn_name for d, t in self._idx().ties.items() if t.fn is not None}
 
     # ----------------------------------------------------------------- freezing
@@ -518,7 +572,14 @@ class ModelState:
 
     def untie(self, destination: KeyLike) -> ModelState:
         """Give a tie destination its own copy of its current value (for a transform tie,
-        the materialised value); the model keeps working and the source is unchanged."""
+        the materialised value); the model keeps working and the source is unchanged.
+
+        >>> from torch import nn
+        >>> model = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
+        >>> ms = ModelState.new(model).tie("b.weight", "a.weight").untie("b.weight")
+        >>> ms.ties(), model["b"].weight is model["a"].weight
+        ({}, False)
+        """
         dest = to_key(destination)
         if self._module is not None:
             orphan = current_index(self._module).orphans.get(dest)
