@@ -89,3 +89,22 @@ def check_stochastic_ema_of_a_sharded_model_rounds_each_shard(ctx: Ctx) -> None:
         assert ((value.full_tensor().float() - exact).abs() <= ulp).all(), key
     with pytest.raises(TypeError, match="sharded"):
         ms.merge(target, merges.slerp(0.5))
+
+
+def check_an_fp32_clone_of_a_sharded_bf16_model_stays_sharded(ctx: Ctx) -> None:
+    """clone(dtype=fp32) of an FSDP2 bf16 model: DTensors, same placements, the same values."""
+    model = _sharded().to(torch.bfloat16)
+    ms = ModelState.new(model)
+    shadow = ms.clone(dtype=torch.float32)
+    for key, value in ms.parameters().items():
+        copy = shadow.parameters()[key]
+        assert isinstance(copy, DTensor) and copy.dtype == torch.float32, key
+        assert copy.placements == value.placements
+        assert copy.to_local().shape == value.to_local().shape
+        assert torch.equal(copy.full_tensor(), value.full_tensor().float()), key
+    target = {k: torch.ones(v.shape) for k, v in ms.parameters().items()}
+    shadow.merge(target, merges.ema(0.5))
+    assert torch.equal(
+        shadow.parameters()["0.bias"].full_tensor(),
+        (ms.parameters()["0.bias"].full_tensor().float() + 1) / 2,
+    )
