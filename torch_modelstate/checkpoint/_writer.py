@@ -106,10 +106,9 @@ def write_checkpoint(
         retire = [directory / SINGLE_FILE]
     elif replaces_layout:
         retire = [directory / INDEX_FILE]
-    needed = sum(
-        len(header_bytes(g, m)[0]) + sum(s.nbytes for s in g)
-        for g, m in zip(groups, metas, strict=True)
-    ) + (len(index[1]) if index else 0)
+    headers = [header_bytes(g, m) for g, m in zip(groups, metas, strict=True)]
+    needed = sum(len(h) + sum(s.nbytes for s in order) for h, order in headers)
+    needed += len(index[1]) if index else 0
     lock = directory / f".{single.name}.lock"
     in_the_way = [*finals, *([index[0]] if index else []), *retire, lock]
     _preflight(directory, in_the_way, needed)
@@ -117,9 +116,9 @@ def write_checkpoint(
         _preflight(directory, in_the_way, needed)  # again: another writer may have run
         temps: list[Path] = []
         try:
-            for group, meta, final in zip(groups, metas, finals, strict=True):
+            for (header, order), final in zip(headers, finals, strict=True):
                 temps.append(_temp_name(final))
-                _named(final, _write_file, temps[-1], group, meta, fill, budget, progress)
+                _named(final, _write_file, temps[-1], header, order, fill, budget, progress)
             if index is not None:
                 temps.append(_temp_name(index[0]))
                 _named(index[0], _write_bytes, temps[-1], index[1])
@@ -248,13 +247,13 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def _write_file(
     path: Path,
-    specs: Sequence[Spec],
-    metadata: Mapping[str, str],
+    header: bytes,
+    order: Sequence[Spec],
     fill: Fill,
     budget: int,
     progress: Progress | None,
 ) -> None:
-    header, order = header_bytes(specs, metadata)
+    """Write one file: its encoded `header`, then the data of `order` (`header_bytes`)."""
     with _open_new(path) as out:
         out.write(header)
         for batch in pack(order, lambda s: s.nbytes, budget):
