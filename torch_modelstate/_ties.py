@@ -17,18 +17,15 @@ way round, `mark_identity_dest`). The mechanism of transform ties is `_tied_modu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from torch_modelstate._distributed import is_sharded
 from torch_modelstate._errors import KeyNotFoundError
-
-if TYPE_CHECKING:
-    from torch_modelstate._index import Index
 
 __all__ = ["register_transform", "registered_transforms"]
 
@@ -125,6 +122,29 @@ register_transform("transpose", torch.t, aliases=(torch.Tensor.t,))
 # --------------------------------------------------------------------------- records
 
 
+class StoredLike(Protocol):
+    """What the rules read of a stored tensor (`_index.Leaf` is one)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def tensor(self) -> Tensor: ...
+    @property
+    def is_param(self) -> bool: ...
+    @property
+    def owner(self) -> nn.Module | None: ...
+
+
+class IndexLike(Protocol):
+    """What the rules read of an index (`_index.Index` is one): the rules sit below it."""
+
+    @property
+    def by_key(self) -> Mapping[str, StoredLike]: ...
+    @property
+    def ties(self) -> Mapping[str, Tie]: ...
+    def did_you_mean(self, key: str) -> str: ...
+
+
 @dataclass(eq=False, slots=True)
 class Tie:
     """A tie destination: the source's tensor itself, or `fn` applied to it."""
@@ -169,7 +189,7 @@ class TieCheck:
 
 
 def check_tie(
-    index: Index, dest: str, source: str, fn: Transform | None, fn_name: str | None = None
+    index: IndexLike, dest: str, source: str, fn: Transform | None, fn_name: str | None = None
 ) -> TieCheck:
     """Every rule a tie ``dest <- fn(source)`` must pass in `index`; nothing is changed.
 
@@ -318,7 +338,7 @@ def _probe(fn: Transform, src: Tensor) -> Tensor | TieProblem:
     return value
 
 
-def _missing_or_computed(index: Index, key: str, role: str) -> TieProblem:
+def _missing_or_computed(index: IndexLike, key: str, role: str) -> TieProblem:
     tie = index.ties.get(key)
     if tie is not None:
         return TieProblem(
