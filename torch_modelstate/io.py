@@ -1,5 +1,15 @@
 """Checkpoints: a ModelState (or a module) as safetensors files, and back.
 
+>>> import os, tempfile, torch
+>>> from torch import nn
+>>> import torch_modelstate as tms
+>>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+>>> tms.save(nn.Linear(2, 2), path)
+>>> model = nn.Linear(2, 2)
+>>> sorted(tms.io.check(path, model).loaded)
+['bias', 'weight']
+>>> _ = tms.load(path, into=model)
+
 `save` writes a plain safetensors file that any safetensors reader loads, with
 ``{"format": "pt"}`` in its metadata. Tied data is stored once, under the source's key;
 which keys are state, the frozen set and the ties go into one versioned JSON entry of the
@@ -42,7 +52,11 @@ parameter's memory by a few threads (no second copy of the model, no mmap pages 
 twice); anything else goes through staging tensors, at most 64 MB at a time (or one
 larger tensor), copied to the parameter's device and dtype by one grouped kernel call.
 Parameter objects stay the same (optimizers keep working); ties in the file are made in
-the target and its frozen flags restored. Only a failing disk (an I/O error in the middle
+the target. The target's frozen flags stay as they are (``frozen="keep"``, the default:
+loading weights never changes what trains), or become the file's set with
+``frozen="file"``. ``rename`` maps the file's keys to the target's first (a mapping
+``{file_key: target_key}`` or a callable returning the target key, or None to skip the
+key). Only a failing disk (an I/O error in the middle
 of the reads) can leave the target partly loaded: everything a file can get wrong is
 checked first.
 
