@@ -29,6 +29,7 @@ def raw(model: nn.Module) -> dict[str, bytes]:
         t = t.detach().to_dense() if t.layout != torch.strided else t.detach()
         if t.is_quantized:
             t = t.int_repr()
+        t = t.resolve_conj().resolve_neg()
         out[key] = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return out
 
@@ -161,6 +162,27 @@ def test_update_into_non_contiguous_views_still_works():
     assert base[:, 1::2].sum() == 0
 
 
+def test_update_into_a_conjugate_view_is_refused_before_writing():
+    """A lazy conjugate view as a buffer is a ValueError (torch's foreach copy refuses it)."""
+    model = Pair()
+    values = good(model) | {"last.c": torch.ones(3, dtype=torch.complex64)}
+    model.last.register_buffer("c", torch.zeros(3, dtype=torch.complex64).conj())
+    before = raw(model)
+    with pytest.raises(ValueError, match=r"(?s)`last.c` is a lazy conjugate view.*resolve_conj"):
+        ModelState.new(model).update(values)
+    assert raw(model) == before
+
+
+def test_update_with_a_nested_value_is_a_type_error():
+    """A nested tensor as a value is a TypeError naming the key, not torch's RuntimeError."""
+    model = Pair()
+    before = raw(model)
+    nested = torch.nested.nested_tensor([torch.ones(3)] * 3, layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"`last.weight` is a nested tensor"):
+        ModelState.new(model).update(rhs_with(model, "last.weight", nested))
+    assert raw(model) == before
+
+
 # --------------------------------------------------------------------------- merge
 
 
@@ -171,8 +193,9 @@ def test_update_into_non_contiguous_views_still_works():
         lambda lhs: torch.ones_like(lhs).to_sparse(),
         lambda lhs: torch.ones_like(lhs, dtype=torch.complex64),
         lambda lhs: torch.ones(7),
+        lambda lhs: torch.nested.nested_tensor(list(torch.ones_like(lhs)), layout=torch.jagged),
     ],
-    ids=["meta", "sparse", "complex", "shape"],
+    ids=["meta", "sparse", "complex", "shape", "nested"],
 )
 def test_merge_function_returning_a_bad_value_writes_nothing(result):
     """`fun`'s results are all checked before the first write (ValueError/TypeError)."""

@@ -31,7 +31,17 @@ Aliases: TypeAlias = Mapping[int, Sequence[str]]
 
 
 class Mask:
-    """A compiled predicate over leaves; call it with a path (a list of strings)."""
+    """A compiled predicate over leaves; call it with a path (a list of strings) or a key.
+
+    Masks combine with ``|``, ``&`` and ``~``, and report the strings that match nothing.
+
+    >>> from torch_modelstate import any_of
+    >>> mask = any_of("encoder.**", "**.bias") & ~any_of("**.norm.*")
+    >>> mask(["encoder", "0", "weight"]), mask("encoder.norm.bias"), mask("head.weight")
+    (True, False, False)
+    >>> mask.unmatched(["encoder.0.weight", "head.weight"])
+    ['**.bias', '**.norm.*']
+    """
 
     __slots__ = ()
 

@@ -8,17 +8,9 @@ Both run in three steps, so that a model is never left half-written:
    to word the error once a pass has found one;
 3. a `Plan` holds the checked pairs, and `Plan.apply` hands them to `_kernels` in one call.
 
-What is refused, before anything is written (rule, key, expected, got, fix in each message):
-
-- destinations: a layout other than strided (``ValueError``), elements that overlap in
-  memory, as in an expanded (stride-0) buffer (``ValueError``), an inference tensor written
-  outside ``torch.inference_mode()`` (``ValueError``);
-- values: not a tensor, sparse or another non-strided layout, on the meta device,
-  quantized (unless written into a quantized tensor as float32), complex for a real
-  destination (``TypeError``); a shape that differs (``ValueError``);
-- a merge function's results: the same rules as values, checked on all results before the
-  first write;
-- a named merge's arithmetic (lerp, add) into float8 tensors, which torch has no kernel for.
+The checks themselves live in `_writable` (what can be written in place); here is the
+gathering, the tie rules (one value per tied tensor, transform destinations computed), and
+running a plain merge function on every tensor before anything is written.
 
 >>> import torch
 >>> from torch_modelstate._index import index_entries
@@ -33,7 +25,7 @@ tensor([1., 1.])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from itertools import repeat
 from operator import attrgetter
@@ -46,43 +38,20 @@ from torch_modelstate import _distributed, _kernels
 from torch_modelstate._errors import KeyNotFoundError
 from torch_modelstate._index import Index, Leaf
 from torch_modelstate._paths import to_flat
+from torch_modelstate._writable import (
+    check_arithmetic,
+    check_destinations,
+    check_shapes,
+    check_values,
+)
 from torch_modelstate.merges import Merge
 
-__all__ = [
-    "Plan",
-    "check_destinations",
-    "check_shapes",
-    "check_values",
-    "plan_merge",
-    "plan_update",
-    "raise_unknown",
-]
+__all__ = ["Plan", "plan_merge", "plan_update", "raise_unknown"]
 
 MergeFn: TypeAlias = Callable[[list[str], Tensor, Tensor], Tensor]
 Values: TypeAlias = "Mapping[str, Any] | Index"
 
 _TENSOR = attrgetter("tensor")
-# One C call per pair, where comparing `.shape`s would build two torch.Size objects.
-_SAME_SIZE = Tensor.is_same_size
-_DTYPE = attrgetter("dtype")
-_LAYOUT = attrgetter("layout")
-_IS_CPU = attrgetter("is_cpu")
-_IS_CONTIGUOUS = Tensor.is_contiguous
-_IS_INFERENCE = Tensor.is_inference
-_STRIDED = {torch.strided}
-_FLOAT32 = {torch.float32}
-_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
-_FLOAT8 = {
-    getattr(torch, name)
-    for name in (
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-    )
-    if hasattr(torch, name)
-}
 
 
 class Plan:
@@ -231,7 +200,7 @@ def plan_merge(index: Index, other: Index, fun: MergeFn | Merge) -> Plan:
     check_destinations("merge", keys, lhs)
     if isinstance(fun, Merge):
         check_values("merge", keys, rhs, lhs, side="rhs")
-        _check_arithmetic(keys, lhs, fun)
+        check_arithmetic(keys, lhs, fun)
         return Plan(keys, lhs, rhs, fun)
     if not callable(fun):
         msg = f"`fun` must be callable as fun(path, lhs, rhs).\n  got: {type(fun).__name__}"
@@ -255,162 +224,6 @@ def plan_merge(index: Index, other: Index, fun: MergeFn | Merge) -> Plan:
         raise TypeError(msg)
     check_values("merge", keys, results, lhs, side="result of `fun`")
     return Plan(keys, lhs, results)
-
-
-def _check_arithmetic(keys: list[str], lhs: list[Tensor], fun: Merge) -> None:
-    """A named merge that computes (lerp, add...) needs a kernel for each lhs dtype."""
-    if getattr(fun, "arithmetic", True) is False or set(map(_DTYPE, lhs)).isdisjoint(_FLOAT8):
-        return
-    key, tensor = next((k, t) for k, t in zip(keys, lhs, strict=True) if t.dtype in _FLOAT8)
-    msg = (
-        f"merge: {fun!r} cannot compute in {tensor.dtype}: torch has no arithmetic kernel "
-        f"for float8 tensors; `{key}` is one.\n"
-        "  fix: merge into a higher-precision copy (ms.clone(dtype=torch.float32)) and "
-        "copy the result back with merges.replace()"
-    )
-    raise TypeError(msg)
-
-
-# --------------------------------------------------------------------------- the checks
-
-
-def check_values(
-    verb: str,
-    keys: Sequence[str],
-    values: Sequence[Tensor],
-    targets: Sequence[Tensor],
-    *,
-    side: str = "value",
-) -> None:
-    """Every value can be written into its target: the same shape, a dense tensor holding
-    data, and a dtype the target can take. C-level passes; a loop only words the error."""
-    check_shapes(verb, keys, values, targets, side=side)
-    if set(map(_LAYOUT, values)) - _STRIDED:
-        key, value = next(
-            (k, v) for k, v in zip(keys, values, strict=True) if v.layout != torch.strided
-        )
-        msg = (
-            f"{verb}: the {side} for `{key}` is a {value.layout} tensor; only dense "
-            "(strided) tensors can be written into a parameter or buffer.\n"
-            f"  expected: torch.strided\n  got: {value.layout}\n"
-            "  fix: pass value.to_dense()"
-        )
-        raise TypeError(msg)
-    if not all(map(_IS_CPU, values)):
-        for key, value in zip(keys, values, strict=True):
-            if value.is_meta:
-                msg = (
-                    f"{verb}: the {side} for `{key}` is on the meta device and holds no data.\n"
-                    f"  expected: a tensor with data\n  got: a meta tensor\n"
-                    "  fix: materialise it first (e.g. load real values into it)"
-                )
-                raise TypeError(msg)
-    dtypes = set(map(_DTYPE, values))
-    if any(dtype.is_complex for dtype in dtypes):
-        for key, value, target in zip(keys, values, targets, strict=True):
-            if value.is_complex() and not target.is_complex():
-                msg = (
-                    f"{verb}: the {side} for `{key}` is complex but the tensor is real.\n"
-                    f"  expected: {target.dtype}\n  got: {value.dtype}\n"
-                    "  fix: pass value.real (or .abs()) explicitly"
-                )
-                raise TypeError(msg)
-    # float32 values fit any target, quantized ones included: only then is no pass needed.
-    if dtypes != _FLOAT32 and (
-        not dtypes.isdisjoint(_QUANTIZED) or not set(map(_DTYPE, targets)).isdisjoint(_QUANTIZED)
-    ):
-        _check_quantized(verb, keys, values, targets, side)
-
-
-def check_shapes(
-    verb: str,
-    keys: Sequence[str],
-    values: Sequence[Tensor],
-    targets: Sequence[Tensor],
-    *,
-    side: str = "value",
-) -> None:
-    """Every value has its target's shape (a `ValueError` naming the first that has not)."""
-    if all(map(_SAME_SIZE, values, targets)):
-        return
-    key, value, target = next(
-        (k, v, t) for k, v, t in zip(keys, values, targets, strict=True) if v.shape != t.shape
-    )
-    want, got = tuple(target.shape), tuple(value.shape)
-    if side == "rhs":
-        head, lines = (
-            f"shape mismatch for `{key}`.",
-            f"  expected (lhs): {want}\n  got (rhs): {got}",
-        )
-    elif side == "value":
-        head, lines = f"shape mismatch for `{key}`.", f"  expected: {want}\n  got: {got}"
-    else:
-        head = f"the {side} must be a tensor of the lhs shape; for `{key}`"
-        lines = f"  expected: {want}\n  got: {got}"
-    raise ValueError(f"{verb}: {head}\n{lines}")
-
-
-def _check_quantized(
-    verb: str, keys: Sequence[str], values: Sequence[Tensor], targets: Sequence[Tensor], side: str
-) -> None:
-    # torch copies into a quantized tensor from float32 or the same quantized dtype only, and
-    # out of a quantized tensor into nothing else.
-    for key, value, target in zip(keys, values, targets, strict=True):
-        if target.dtype in _QUANTIZED:
-            if value.dtype in (torch.float32, target.dtype):
-                continue
-            expected = f"torch.float32 or {target.dtype}"
-            fix = "pass value.float()"
-        elif value.dtype in _QUANTIZED:
-            expected = str(target.dtype)
-            fix = "pass value.dequantize()"
-        else:
-            continue
-        msg = (
-            f"{verb}: the {side} for `{key}` cannot be written into its {target.dtype} tensor.\n"
-            f"  expected: {expected}\n  got: {value.dtype}\n  fix: {fix}"
-        )
-        raise TypeError(msg)
-
-
-def check_destinations(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:
-    """Every destination can be written in place: dense, no element sharing memory with
-    another (expanded tensors), and not an inference tensor outside inference mode."""
-    if set(map(_LAYOUT, dsts)) - _STRIDED:
-        key, dst = next(
-            (k, d) for k, d in zip(keys, dsts, strict=True) if d.layout != torch.strided
-        )
-        msg = (
-            f"{verb}: `{key}` is a {dst.layout} tensor; only dense (strided) tensors are "
-            "written in place.\n"
-            f"  expected: torch.strided\n  got: {dst.layout}\n"
-            "  fix: make the parameter or buffer dense (.to_dense()), or leave the key out"
-        )
-        raise ValueError(msg)
-    if not all(map(_IS_CONTIGUOUS, dsts)):
-        for key, dst in zip(keys, dsts, strict=True):
-            # 1 is "yes"; 2 ("too hard to tell") is what torch's own copy_ lets through.
-            if not dst.is_contiguous() and torch._debug_has_internal_overlap(dst) == 1:
-                msg = (
-                    f"{verb}: `{key}` cannot be written in place: several of its elements "
-                    "share one memory location (an expanded or stride-0 tensor).\n"
-                    f"  expected: a tensor whose elements do not overlap\n"
-                    f"  got: shape {tuple(dst.shape)} with strides {dst.stride()}\n"
-                    "  fix: give the module its own copy first (e.g. register "
-                    "buffer.clone() instead of an expanded view)"
-                )
-                raise ValueError(msg)
-    if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, dsts)):
-        key = next(k for k, d in zip(keys, dsts, strict=True) if d.is_inference())
-        msg = (
-            f"{verb}: `{key}` is an inference tensor (made under torch.inference_mode()), "
-            "which torch writes in place only inside inference mode.\n"
-            "  expected: a normal tensor, or this call inside torch.inference_mode()\n"
-            "  got: an inference tensor outside inference mode\n"
-            "  fix: call it under `with torch.inference_mode():`, or build the model under "
-            "torch.no_grad() instead"
-        )
-        raise ValueError(msg)
 
 
 # --------------------------------------------------------------------------- helpers
