@@ -288,3 +288,25 @@ def test_tie_after_fully_shard_is_refused(one_rank: None) -> None:
         ms.tie("dec.weight", "enc.weight", "transpose")
     assert ms.ties() == {}
     assert "weight" in model.dec._parameters
+
+
+def test_state_dict_inside_functional_call_shows_the_values_in_use() -> None:
+    """Within `functional_call`, `state_dict()` shows the tensors the call uses, as torch does."""
+    model, _ = tied()
+    seen: dict[str, Tensor] = {}
+
+    class Probe(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor) -> Tensor:
+            seen.update(self.inner.state_dict())
+            out: Tensor = self.inner(x)
+            return out
+
+    values = {f"inner.{k}": torch.zeros_like(v) for k, v in model.state_dict().items()}
+    torch.func.functional_call(Probe(model), values, (X,))
+    assert torch.equal(seen["dec.weight"], torch.zeros(4, 3))
+    assert torch.equal(seen["enc.weight"], torch.zeros(3, 4))
+    assert torch.equal(model.state_dict()["dec.weight"], model.enc.weight.detach().t())

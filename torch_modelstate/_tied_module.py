@@ -182,8 +182,8 @@ def _state_dict_post_hook(
     if not ties:
         return
     keep_vars = module.__dict__.pop(_KEEP_VARS, False)
-    for name, tie in ties.items():
-        value = tie.value()
+    for name in ties:
+        value = getattr(module, name)  # what forward sees: computed, or a shadow set over it
         # Materialised and contiguous: a state dict is a snapshot, and readers such as
         # safetensors' save_model refuse non-contiguous views (a transpose is one).
         destination[prefix + name] = value if keep_vars else value.detach().contiguous()
