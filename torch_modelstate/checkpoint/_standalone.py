@@ -18,6 +18,7 @@ from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint._codec import TensorInfo
 from torch_modelstate.checkpoint._entry import Saved, transform
 from torch_modelstate.checkpoint._files import Checkpoint
+from torch_modelstate.checkpoint._mapping import map_checkpoint
 
 
 def load_standalone(
@@ -44,7 +45,7 @@ def load_standalone(
             raise CheckpointCorruptError(msg) from None
         # Storage-free stand-in of the right shape; `tie` replaces it.
         placeholders[dest] = torch.empty((), dtype=probe.dtype).expand(probe.shape)
-    values = read(ckpt, tensors)  # `mapped` once test_io's short-read test loads `into`
+    values = map_checkpoint(ckpt, tensors).tensors
     entries = {key: values[key] if key in values else placeholders[key] for key in saved.order}
     state = saved.state | {
         dest for dest, (source, _) in saved.ties.items() if source in saved.state
@@ -56,11 +57,3 @@ def load_standalone(
     except (KeyError, ValueError, TypeError) as err:
         msg = f"{file}: the checkpoint's ties are inconsistent: {err}"
         raise CheckpointCorruptError(msg) from None
-
-
-def read(ckpt: Checkpoint, tensors: Mapping[str, TensorInfo]) -> dict[str, Tensor]:
-    """Every tensor of `tensors` read into fresh memory, in file order."""
-    out = {key: torch.empty(i.shape, dtype=i.torch_dtype) for key, i in tensors.items()}
-    order = sorted(tensors, key=lambda k: (str(tensors[k].file), tensors[k].start))
-    ckpt.read_into([(tensors[key], out[key]) for key in order])
-    return out
