@@ -222,3 +222,16 @@ def check_agreement_raises_one_error_on_every_rank(ctx: Ctx) -> None:
     assert type(info.value) is KeyNotFoundError
     with _distributed.agreement(tensors):  # all pass: nothing raised
         pass
+
+
+def check_update_refuses_a_model_whose_parameters_are_gathered(ctx: Ctx) -> None:
+    """After a forward with no backward FSDP2 holds gathered copies: update refuses, writes none."""
+    model = _sharded()
+    model.eval()
+    model(torch.randn(2, 3))  # the root group stays gathered
+    ms = ModelState.new(model)
+    with pytest.raises(ValueError, match=r"reshard\(\)"):
+        ms.update(_values(1))
+    model.reshard()
+    ms.update(_values(1))
+    _assert_equal(_fulls(ModelState.new(model)), _values(1))

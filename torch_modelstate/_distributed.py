@@ -32,7 +32,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -41,6 +42,7 @@ from torch_modelstate import _errors
 __all__ = [
     "agreement",
     "any_dtensor",
+    "check_sharded",
     "dtensor_group",
     "full",
     "is_sharded",
@@ -48,6 +50,7 @@ __all__ = [
     "local_slice",
     "rebuild",
     "to_local",
+    "unsharded_groups",
 ]
 
 _DTENSOR = DTensor
@@ -61,6 +64,41 @@ def any_dtensor(tensors: Iterable[Tensor]) -> bool:
 def is_sharded(t: Tensor) -> bool:
     """Whether `t` is a DTensor (an FSDP2 parameter, or a copy of one)."""
     return isinstance(t, DTensor)
+
+
+def unsharded_groups(module: nn.Module) -> list[str]:
+    """Names of the `fully_shard` modules under `module` whose parameters are gathered now.
+
+    FSDP2 keeps the root's parameters gathered after a forward that no backward followed
+    (and any module after ``unshard()``); values written into those gathered copies are
+    dropped when the group reshards. A write into such a model must be refused.
+    """
+    if not isinstance(module, FSDPModule):
+        return []
+    found = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, FSDPModule):
+            group = sub._get_fsdp_state()._fsdp_param_group
+            if group is not None and not group.is_sharded:
+                found.append(name or "(the root)")
+    return found
+
+
+def check_sharded(module: nn.Module | None, verb: str) -> None:
+    """Refuse to write into a `fully_shard` model whose parameters are gathered (see
+    `unsharded_groups`): a ``ValueError`` naming the modules and the fix."""
+    names = [] if module is None else unsharded_groups(module)
+    if names:
+        shown = ", ".join(f"`{n}`" for n in names[:5]) + (" ..." if len(names) > 5 else "")
+        msg = (
+            f"{verb}: the fully_shard (FSDP2) modules {shown} hold gathered (unsharded) "
+            "parameters now, as after a forward with no backward; values written into them "
+            "would be lost when they reshard.\n"
+            "  expected: sharded parameters (DTensors)\n"
+            "  got: gathered parameters\n"
+            "  fix: call model.reshard() first (or write after the backward pass)"
+        )
+        raise ValueError(msg)
 
 
 def local_slice(full: Tensor, like: DTensor) -> Tensor:
