@@ -444,3 +444,12 @@ def test_multi_line_library_messages_keep_their_parts(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "differs from" in err and "; expected: float32 (2,); got: float16 (2,)" in err
+
+
+def test_inspect_depth_must_be_positive(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--depth 0 or -1 is a usage error naming --depth, not an empty table."""
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["inspect", str(ckpt), "--depth", bad])
+        assert exit_info.value.code == 2
+        assert "argument --depth: expected a positive integer" in capsys.readouterr().err

@@ -121,7 +121,7 @@ def _parser() -> _Parser:
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
     inspect.add_argument(
         "--depth",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="N",
         help="show modules down to depth N (default: all depths; 1: the outermost modules)",
