@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+import torch_modelstate as tms
 from torch_modelstate import ModelState
 
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (6.4, 3.6)})
@@ -121,15 +122,23 @@ def start_task_b() -> nn.Sequential:
     return model
 
 
-RULES = {"backbone.*.norm.*": {"weight_decay": 0.0}, "**.bias": {"weight_decay": 0.0}}
+NO_DECAY = tms.optim.no_decay(start_task_b())  # biases and norm weights, found by module type
+RULES = {NO_DECAY: {"weight_decay": 0.0}}
 groups = ModelState.new(start_task_b()).param_groups(RULES)
 for group in groups:
     print(group.get("weight_decay", "default"), group["param_names"])
+globs = ("**.bias", "backbone.*.norm.weight")  # a tuple of masks: any of them
+same = ModelState.new(start_task_b()).param_groups({globs: {"weight_decay": 0.0}})
+print(
+    "the same groups from globs:",
+    [g["param_names"] for g in same] == [g["param_names"] for g in groups],
+)
 
 # %% [markdown]
-# `param_groups` takes masks (globs over keys here) in rule order: the first rule that selects a
-# parameter decides its group, and the rest fall into a last group with the optimizer's defaults
-# (`weight_decay=0.05` below). Only trainable parameters are grouped.
+# `param_groups` takes rules of masks in order: the first rule that selects a parameter
+# decides its group, and the rest fall into a last group with the optimizer's defaults
+# (`weight_decay=0.05` below). Only trainable parameters are grouped. `tms.optim.no_decay`
+# is the usual "no weight decay on biases and norms" mask; globs over keys say the same.
 #
 # ## Three ways to fine-tune
 
@@ -187,10 +196,11 @@ def thaw(step):
     if step + 1 in STAGES[1:]:
         name = "block1" if step + 1 == STAGES[1] else "block0"
         lr = 1e-3 if name == "block1" else 3e-4
-        weights = f"backbone.{name}.linear.weight"
-        no_decay = [f"backbone.{name}.linear.bias", f"backbone.{name}.norm.*"]
-        ms_gradual.unfreeze(weights, optimizer=opt, lr=lr, weight_decay=0.05)
-        ms_gradual.unfreeze(no_decay, optimizer=opt, lr=lr, weight_decay=0.0)
+        stage = f"backbone.{name}.**"  # two groups per stage: weights, then biases and norms
+        ms_gradual.unfreeze(
+            tms.all_of(stage, tms.not_(NO_DECAY)), optimizer=opt, lr=lr, weight_decay=0.05
+        )
+        ms_gradual.unfreeze(tms.all_of(stage, NO_DECAY), optimizer=opt, lr=lr, weight_decay=0.0)
 
 
 run("gradual", gradual, ms_gradual, opt, on_step=thaw)
