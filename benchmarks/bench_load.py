@@ -112,7 +112,19 @@ def build(shape: Shape, dtype: torch.dtype) -> LM:
 
 
 def max_rss() -> int:
-    """Peak resident set size of this process so far, in bytes."""
+    """Peak resident set size of this process so far, in bytes.
+
+    ``VmHWM`` where /proc has it: it starts afresh at ``exec``, whereas ``ru_maxrss`` keeps
+    the parent's resident size from ``fork`` (a large benchmark parent would show in every
+    child's peak).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
