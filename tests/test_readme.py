@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import torch_modelstate as tms
+from torch_modelstate import ModelState
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, ROOT / "PYPI.md"]
@@ -199,3 +202,12 @@ def test_example_script_runs_without_a_warning(script: Path, tmp_path: Path) -> 
         (tour,) = [b for b in ALL if b.page == README and b.heading == "Thirty seconds"]
         assert tour.output is not None
         assert done.stdout.strip() == tour.output.strip()
+
+
+def test_api_at_a_glance_names_every_public_name() -> None:
+    """The overview names each public name and each public method of ModelState."""
+    glance = _section(README, "The API at a glance")
+    names = [n for n in tms.__all__ if n != "MaskLike"]  # a type alias, not something to call
+    names += [f".{n}" for n in vars(ModelState) if not n.startswith("_")]
+    missing = [n for n in names if n not in glance]
+    assert missing == [], f"not in 'The API at a glance': {missing}"
