@@ -82,8 +82,10 @@ def check_no_extra_state(ms: ModelState, index: Index) -> None:
     ``zero_point``), ``get_extra_state`` (``_extra_state``), a custom
     ``_save_to_state_dict`` or a state-dict hook add entries that are neither parameters
     nor persistent buffers. A ModelState views parameters and buffers only, so a
-    checkpoint of it would lose them: refuse rather than write it. One ``state_dict()``
-    walk per save finds them (cheap next to writing the tensors).
+    checkpoint of it would lose them: refuse rather than write it. Only a model with a
+    module that could add entries (an overridden ``_save_to_state_dict`` or
+    ``get_extra_state``, or a state-dict hook: one pass over the modules) pays for a
+    ``state_dict()`` walk that names them.
 
     >>> import torch
     >>> from torch import nn
@@ -97,7 +99,7 @@ def check_no_extra_state(ms: ModelState, index: Index) -> None:
     `_extra_state` (from Counter)...
     """
     module = ms.module
-    if module is None:
+    if module is None or not any(map(_may_add_entries, module.modules())):
         return
     known = set(index.order)
     extra = [key for key in module.state_dict(keep_vars=True) if key not in known]
@@ -119,6 +121,17 @@ def check_no_extra_state(ms: ModelState, index: Index) -> None:
         "state_dict() for quantised models), or convert it to plain parameters first"
     )
     raise ValueError(msg)
+
+
+def _may_add_entries(module: nn.Module) -> bool:
+    """Whether `module`'s own ``state_dict()`` entries may be more than its tensors."""
+    cls = type(module)
+    return (
+        cls._save_to_state_dict is not nn.Module._save_to_state_dict
+        or cls.get_extra_state is not nn.Module.get_extra_state
+        or bool(module._state_dict_hooks)
+        or bool(module._state_dict_pre_hooks)
+    )
 
 
 def _class_name(module: nn.Module) -> str:
