@@ -6,14 +6,15 @@ before, and it re-checks itself before each use, because ``fully_shard``, ``to_e
 ``.to()`` (for buffers) and ``load_state_dict(assign=True)`` replace tensor objects, and
 users add, swap, delete or re-register submodules, parameters and buffers.
 
-Invariant (what `Index.is_current` proves, in three C-level passes and no Python call per
-tensor): every module of the model still holds, by identity, the same ``_parameters``,
-``_buffers`` and ``_modules`` dicts with the same entries (each parameter, buffer and child,
-``None`` entries included), the same number of entries in each, and the same set of
-non-persistent buffer names. Anything that changes what the index says changes one of
-those; nothing outside the model is looked at, so an assignment in an unrelated module
-invalidates nothing. Keys, leaves and ties of a current index are exactly those a fresh walk
-would give.
+Invariant (what `Index.is_current` proves, in C-level passes and no Python call per tensor):
+every parameter, buffer and child the index saw is still the object its module's
+``_parameters``, ``_buffers`` or ``_modules`` dict holds under that name (an entry that held
+``None`` is still there), those dicts together hold no more entries than then (nothing was
+added), and each module with buffers has the same non-persistent names. Anything that changes
+what the index says changes one of those; nothing outside the model is looked at, so an
+assignment in an unrelated module invalidates nothing. Keys, leaves and ties of a current
+index are exactly those a fresh walk would give. (Not noticed: a module's ``_parameters``,
+``_buffers`` or ``_modules`` dict object replaced wholesale, which nothing in torch does.)
 """
 
 from __future__ import annotations
@@ -110,10 +111,15 @@ class Index:
         checks = self._checks
         if checks is None:
             return True
-        holders, names, objects, sized, sizes, np_sets, np_copies = checks
+        holders, names, objects, empty_holders, empty_names, sized, size, np_sets, np_copies = (
+            checks
+        )
+        # Every entry still there, by identity (a removed one reads as None); entries that
+        # held None still there; so the total count is unchanged only if nothing was added.
         return (
             all(map(is_, map(dict.get, holders, names), objects))
-            and list(map(len, sized)) == sizes
+            and all(map(dict.__contains__, empty_holders, empty_names))
+            and sum(map(len, sized)) == size
             and all(map(eq, np_sets, np_copies))
         )
 
@@ -196,10 +202,16 @@ def index_module(root: nn.Module) -> Index:
     holders: list[dict[str, Any]] = []
     names: list[str] = []
     objects: list[object] = []
+    empty_holders: list[dict[str, Any]] = []
+    empty_names: list[str] = []
     sized: list[dict[str, Any]] = []
     np_sets: list[set[str]] = []
 
     def watch(holder: dict[str, Any]) -> None:
+        for name, value in holder.items():
+            if value is None:
+                empty_holders.append(holder)
+                empty_names.append(name)
         holders.extend(repeat(holder, len(holder)))
         names.extend(holder)
         objects.extend(holder.values())
@@ -208,12 +220,9 @@ def index_module(root: nn.Module) -> Index:
         prefixes.setdefault(id(module), prefix)
         params, buffers, children = module._parameters, module._buffers, module._modules
         skip = module._non_persistent_buffers_set
-        own = module.__dict__
-        holders.extend((own, own, own, own))
-        names.extend(("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
-        objects.extend((params, buffers, children, skip))
         sized.extend((params, buffers, children))
-        np_sets.append(skip)
+        if buffers:  # without buffers, a change of persistence changes `_buffers` too
+            np_sets.append(skip)
         watch(params)
         watch(buffers)
         watch(children)
@@ -258,7 +267,18 @@ def index_module(root: nn.Module) -> Index:
     index.orphans = orphans
     index._root = root
     np_copies = [set(s) for s in np_sets]
-    index._checks = (holders, names, objects, sized, list(map(len, sized)), np_sets, np_copies)
+    size = sum(map(len, sized))
+    index._checks = (
+        holders,
+        names,
+        objects,
+        empty_holders,
+        empty_names,
+        sized,
+        size,
+        np_sets,
+        np_copies,
+    )
     return index
 
 
