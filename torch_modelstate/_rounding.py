@@ -35,7 +35,7 @@ LOW_PRECISION: dict[torch.dtype, int] = {torch.bfloat16: 16, torch.float16: 13}
 _HIGH_HALF: int | None = 1 if sys.byteorder == "little" else None
 
 # Elements computed in fp32 at once (three fp32 buffers of this size live at a time).
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 
 
 def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:

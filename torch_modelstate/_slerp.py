@@ -27,7 +27,7 @@ __all__ = ["DOT_THRESHOLD", "EPS", "slerp", "slerp_"]
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 
 
 def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
