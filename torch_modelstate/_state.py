@@ -497,7 +497,8 @@ class ModelState:
         """
         index = self._idx()
         state = None if updated_state is None else _as_values(updated_state)
-        plan = _update.plan_update(index, _as_values(updated_parameters), state, self._is_frozen)
+        values = _as_values(updated_parameters)
+        plan = _update.plan_update(index, values, state, self._is_frozen, self._module)
         plan.apply()
         return self
 
@@ -518,7 +519,7 @@ class ModelState:
         >>> soup.merge({"w": torch.ones(2)}, merges.lerp(0.5)).to_dict()["w"]
         tensor([0.5000, 0.5000])
         """
-        plan = _update.plan_merge(self._idx(), ModelState.new(rhs)._idx(), fun)
+        plan = _update.plan_merge(self._idx(), ModelState.new(rhs)._idx(), fun, self._module)
         plan.apply()
         return self
 

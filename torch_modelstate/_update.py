@@ -32,7 +32,7 @@ from operator import attrgetter
 from typing import Any, NoReturn, TypeAlias
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from torch_modelstate import _distributed, _kernels
 from torch_modelstate._errors import KeyNotFoundError
@@ -92,6 +92,7 @@ def plan_update(
     updated_parameters: Values,
     updated_state: Values | None,
     is_frozen: Callable[[Leaf], bool],
+    module: nn.Module | None = None,
 ) -> Plan:
     """Gather and check the pairs of ``update(updated_parameters, updated_state)``.
 
@@ -106,6 +107,7 @@ def plan_update(
     sharded = _distributed.any_dtensor(map(_TENSOR, index.leaves))
     model = list(map(_TENSOR, index.leaves)) if sharded else []
     with _distributed.agreement(model) if sharded else nullcontext():
+        _distributed.check_sharded(module, "update")
         values = _as_values(updated_parameters, "updated_parameters")
         _gather(index, values, keys, dsts, srcs, None)
         if updated_state is not None:
@@ -182,9 +184,13 @@ def _gather(
 # --------------------------------------------------------------------------- merge
 
 
-def plan_merge(index: Index, other: Index, fun: MergeFn | Merge) -> Plan:
+def plan_merge(
+    index: Index, other: Index, fun: MergeFn | Merge, module: nn.Module | None = None
+) -> Plan:
     """Gather and check the pairs of ``merge(other, fun)``; a plain `fun` runs here, on
-    every tensor, and its results are checked before the plan is returned."""
+    every tensor, and its results are checked before the plan is returned. `module` is the
+    model `index` views (None for a standalone state)."""
+    _distributed.check_sharded(module, "merge")
     found = list(map(other.by_key.get, index.keys))
     if None in found or other.ties:
         # Some keys are missing in rhs or computed there (transform ties): resolve each.
