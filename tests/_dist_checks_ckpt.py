@@ -302,3 +302,16 @@ def check_tied_embeddings_survive_collective_save_and_load(ctx: Ctx) -> None:
     assert fresh.head.weight is fresh.embed.weight
     x = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def check_load_refuses_a_model_whose_parameters_are_gathered(ctx: Ctx) -> None:
+    """After a forward with no backward FSDP2 holds gathered copies: load refuses them."""
+    path = _plain_checkpoint(ctx, seed=1)
+    model = _sharded()
+    model.eval()
+    model(torch.randn(2, 4))  # the root group stays gathered
+    with pytest.raises(ValueError, match=r"gathered[\s\S]*reshard\(\)"):
+        tms.load(path, into=model)
+    model.reshard()
+    tms.load(path, into=model)
+    _assert_equal(_fulls(ModelState.new(model)), _fulls(ModelState.new(_model(seed=1))))

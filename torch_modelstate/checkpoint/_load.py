@@ -81,6 +81,7 @@ def load(
         target = ModelState.new(into)
         # FSDP2 targets: the checks are collective; if one rank fails, every rank raises (dist)
         with _distributed.agreement(target.state_dict().values()):
+            _distributed.check_sharded(target.module, "load")
             plan = make_plan(ckpt, saved, target, strict, frozen=chosen, rename=rename)
             verify_pairs(ckpt, plan.pairs)
         apply(ckpt, plan)
