@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from torch_modelstate import ModelState, merges
+from torch_modelstate._writable import check_destinations
 
 ERRORS = (KeyError, ValueError, TypeError)
 
@@ -396,3 +397,16 @@ def _is_bad(value: Any, model: nn.Module, key: str) -> bool:
         or value.is_quantized
         or (value.is_complex() and not target.is_complex())
     )
+
+
+# --------------------------------------------------------------------------- the shared rule
+
+
+def test_check_destinations_lets_byte_reads_into_inference_tensors():
+    """`kernel=False` marks a destination filled as raw bytes (as load does): allowed for an
+    inference tensor; one written by a kernel is refused, naming its key."""
+    with torch.inference_mode():
+        a, b = torch.zeros(2), torch.zeros(2)
+    check_destinations("load", ["a", "b"], [a, b], kernel=[False, False])
+    with pytest.raises(ValueError, match=r"`b` is an inference tensor"):
+        check_destinations("load", ["a", "b"], [a, b], kernel=[False, True])

@@ -166,9 +166,17 @@ def _check_quantized(
         raise TypeError(msg)
 
 
-def check_destinations(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:
+def check_destinations(
+    verb: str,
+    keys: Sequence[str],
+    dsts: Sequence[Tensor],
+    *,
+    kernel: Sequence[bool] | None = None,
+) -> None:
     """Every destination can be written in place: dense, no element sharing memory with
-    another (expanded tensors), and not an inference tensor outside inference mode."""
+    another (expanded tensors), no lazy conjugate view, and not an inference tensor outside
+    inference mode. `kernel[i]` False says ``dsts[i]`` is filled as raw bytes, not by a torch
+    kernel (as load reads straight into a tensor), which an inference tensor allows."""
     if set(map(_LAYOUT, dsts)) - _STRIDED:
         key, dst = next(
             (k, d) for k, d in zip(keys, dsts, strict=True) if d.layout != torch.strided
@@ -196,7 +204,11 @@ def check_destinations(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -
                 )
                 raise ValueError(msg)
     if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, dsts)):
-        key = next(k for k, d in zip(keys, dsts, strict=True) if d.is_inference())
+        writes = [True] * len(dsts) if kernel is None else kernel
+        found = [k for k, d, w in zip(keys, dsts, writes, strict=True) if w and d.is_inference()]
+        if not found:
+            return
+        key = found[0]
         msg = (
             f"{verb}: `{key}` is an inference tensor (made under torch.inference_mode()), "
             "which torch writes in place only inside inference mode.\n"
