@@ -17,9 +17,7 @@ pytestmark = pytest.mark.distributed
 
 NAMES = check_names(_dist_checks_state)
 # Checks whose feature another engineer is landing (strict: they fail loudly once it lands).
-PENDING: dict[str, str] = {
-    "check_update_refuses_a_model_whose_parameters_are_gathered": "atomic: check_sharded in update",
-}
+PENDING: dict[str, str] = {}
 PARAMS = [
     pytest.param(n, id=n.removeprefix("check_"), marks=[pytest.mark.xfail(reason=PENDING[n])])
     if n in PENDING
