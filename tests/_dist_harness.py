@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 WORLD = 2
-DEADLINE_S = 90.0
+DEADLINE_S = 240.0
 _COLLECTIVE_TIMEOUT_S = 10.0
 
 
@@ -50,13 +50,12 @@ def _describe_missing(results: dict[str, dict[str, Any]], names: list[str]) -> l
     return [name for name in names if name not in results]
 
 
-def run_group(
-    module: str, names: list[str], tmp: Path
-) -> tuple[dict[str, list[dict[str, Any]]], str]:
-    """Run the checks `names` of `module` on every rank: ``({name: [result per rank]}, log)``."""
+def run_group(names: list[str], tmp: Path) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """Run the checks `names` (``"module:check"``) on every rank, in one spawn:
+    ``({name: [result per rank]}, log)``."""
     tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, module, str(tmp), *names]
+    cmd = [sys.executable, __file__, str(tmp), *names]
     proc = subprocess.Popen(
         cmd,
         cwd=Path(__file__).parent,
@@ -99,32 +98,38 @@ def check_names(module: ModuleType) -> list[str]:
 
 
 def run_selected(
-    request: pytest.FixtureRequest, module: ModuleType, tmp: Path
+    request: pytest.FixtureRequest, tmp_factory: pytest.TempPathFactory
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run the checks of `module` that the session selected (``-k`` and the like) in one spawn."""
-    here = request.module
-    selected = {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if getattr(item, "module", None) is here and hasattr(item, "callspec")
-    }
-    names = [name for name in check_names(module) if name in selected]
-    results, _ = run_group(module.__name__, names, tmp)
-    return results
+    """The results of every selected check of the session (``-k`` and the like respected),
+    run in one spawn the first time a distributed test module asks. A test module names its
+    checks module as ``CHECKS``; results are keyed ``"module:check"``."""
+    session = request.session
+    cached: dict[str, list[dict[str, Any]]] | None = getattr(session, "_dist_results", None)
+    if cached is None:
+        names: list[str] = []
+        for item in session.items:
+            checks = getattr(getattr(item, "module", None), "CHECKS", None)
+            if checks is not None and hasattr(item, "callspec"):
+                name = f"{checks.__name__}:{item.callspec.params['name']}"
+                if name not in names:
+                    names.append(name)
+        cached, _ = run_group(names, tmp_factory.mktemp("dist"))
+        session._dist_results = cached  # type: ignore[attr-defined]
+    return cached
 
 
-def _worker(rank: int, module: str, tmp: str, names: list[str]) -> None:
+def _worker(rank: int, tmp: str, names: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     _init(tmp, rank, 0)
-    mod = importlib.import_module(module)
     out = Path(tmp) / f"rank{rank}.jsonl"
     try:
         for i, name in enumerate(names):
-            check: Callable[[Ctx], None] = getattr(mod, name)
-            where = Path(tmp) / name
+            module, _, function = name.partition(":")
+            check: Callable[[Ctx], None] = getattr(importlib.import_module(module), function)
+            where = Path(tmp) / function
             where.mkdir(exist_ok=True)
             ok, error = True, ""
             try:
@@ -174,9 +179,9 @@ def _file_barrier(tmp: Path, step: int, rank: int, ok: bool) -> bool:
 def _main(argv: list[str]) -> None:
     import torch.multiprocessing as mp
 
-    module, tmp, *names = argv
+    tmp, *names = argv
     ctx = mp.start_processes(
-        _worker, args=(module, tmp, names), nprocs=WORLD, join=False, start_method="spawn"
+        _worker, args=(tmp, names), nprocs=WORLD, join=False, start_method="spawn"
     )
     try:
         while not ctx.join(timeout=DEADLINE_S):

@@ -7,7 +7,6 @@ passed on every rank. Select with ``-m distributed``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import _dist_checks_ckpt
@@ -16,7 +15,8 @@ from _dist_harness import check_names, run_selected
 
 pytestmark = pytest.mark.distributed
 
-NAMES = check_names(_dist_checks_ckpt)
+CHECKS = _dist_checks_ckpt
+NAMES = check_names(CHECKS)
 # Checks whose feature another engineer is landing (strict: they fail loudly once it lands).
 PENDING: dict[str, str] = {}
 PARAMS = [
@@ -29,12 +29,12 @@ PARAMS = [
 
 @pytest.fixture(scope="module")
 def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Every selected check of this module, run once on 2 ranks."""
-    return run_selected(request, _dist_checks_ckpt, Path(tmp_path_factory.mktemp("dist")))
+    """Every selected distributed check of the session, run once on 2 ranks."""
+    return run_selected(request, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_check(results: dict[str, list[dict[str, Any]]], name: str) -> None:
     """The check passed on every rank (see its docstring in `_dist_checks_ckpt`)."""
-    failures = [r["error"] for r in results[name] if not r["ok"]]
+    failures = [r["error"] for r in results[f"{CHECKS.__name__}:{name}"] if not r["ok"]]
     assert not failures, "\n".join(failures)
