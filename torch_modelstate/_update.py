@@ -203,10 +203,10 @@ def plan_merge(
         rhs = list(map(_TENSOR, found))
     keys = [leaf.key for leaf in leaves] if leaves is not index.leaves else index.keys
     lhs: list[Tensor] = list(map(_TENSOR, leaves))
-    check_destinations("merge", keys, lhs)
+    dtypes = check_destinations("merge", keys, lhs)
     if isinstance(fun, Merge):
-        check_values("merge", keys, rhs, lhs, side="rhs")
-        check_arithmetic(keys, lhs, fun)
+        check_values("merge", keys, rhs, lhs, side="rhs", target_dtypes=dtypes)
+        check_arithmetic(keys, lhs, fun, dtypes)
         return Plan(keys, lhs, rhs, fun)
     if not callable(fun):
         msg = f"`fun` must be callable as fun(path, lhs, rhs).\n  got: {type(fun).__name__}"
@@ -228,7 +228,7 @@ def plan_merge(
             f"  got: {type(result).__name__}"
         )
         raise TypeError(msg)
-    check_values("merge", keys, results, lhs, side="result of `fun`")
+    check_values("merge", keys, results, lhs, side="result of `fun`", target_dtypes=dtypes)
     return Plan(keys, lhs, results)
 
 

@@ -62,9 +62,11 @@ def check_values(
     targets: Sequence[Tensor],
     *,
     side: str = "value",
+    target_dtypes: set[torch.dtype] | None = None,
 ) -> None:
     """Every value can be written into its target: the same shape, a dense tensor holding
-    data, and a dtype the target can take. C-level passes; a loop only words the error."""
+    data, and a dtype the target can take. C-level passes; a loop only words the error.
+    `target_dtypes` (as `check_destinations` returns it) saves a pass over the targets."""
     check_shapes(verb, keys, values, targets, side=side)
     if set(map(_LAYOUT, values)) - _STRIDED:
         key, value = next(
@@ -98,7 +100,8 @@ def check_values(
                 raise TypeError(msg)
     # float32 values fit any target, quantized ones included: only then is no pass needed.
     if dtypes != _FLOAT32 and (
-        not dtypes.isdisjoint(_QUANTIZED) or not set(map(_DTYPE, targets)).isdisjoint(_QUANTIZED)
+        not dtypes.isdisjoint(_QUANTIZED)
+        or not (target_dtypes or set(map(_DTYPE, targets))).isdisjoint(_QUANTIZED)
     ):
         _check_quantized(verb, keys, values, targets, side)
 
@@ -172,11 +175,12 @@ def check_destinations(
     dsts: Sequence[Tensor],
     *,
     kernel: Sequence[bool] | None = None,
-) -> None:
+) -> set[torch.dtype]:
     """Every destination can be written in place: dense, no element sharing memory with
     another (expanded tensors), no lazy conjugate view, and not an inference tensor outside
     inference mode. `kernel[i]` False says ``dsts[i]`` is filled as raw bytes, not by a torch
-    kernel (as load reads straight into a tensor), which an inference tensor allows."""
+    kernel (as load reads straight into a tensor), which an inference tensor allows.
+    Returns the destinations' dtypes, for the checks that follow."""
     if set(map(_LAYOUT, dsts)) - _STRIDED:
         key, dst = next(
             (k, d) for k, d in zip(keys, dsts, strict=True) if d.layout != torch.strided
@@ -188,7 +192,8 @@ def check_destinations(
             "  fix: make the parameter or buffer dense (.to_dense()), or leave the key out"
         )
         raise ValueError(msg)
-    if any(dtype.is_complex for dtype in set(map(_DTYPE, dsts))):
+    dtypes = set(map(_DTYPE, dsts))
+    if any(dtype.is_complex for dtype in dtypes):
         _check_lazy_views(verb, keys, dsts)
     if not all(map(_IS_CONTIGUOUS, dsts)):
         for key, dst in zip(keys, dsts, strict=True):
@@ -207,7 +212,7 @@ def check_destinations(
         writes = [True] * len(dsts) if kernel is None else kernel
         found = [k for k, d, w in zip(keys, dsts, writes, strict=True) if w and d.is_inference()]
         if not found:
-            return
+            return dtypes
         key = found[0]
         msg = (
             f"{verb}: `{key}` is an inference tensor (made under torch.inference_mode()), "
@@ -218,6 +223,7 @@ def check_destinations(
             "torch.no_grad() instead"
         )
         raise ValueError(msg)
+    return dtypes
 
 
 def _check_lazy_views(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:
@@ -237,9 +243,13 @@ def _check_lazy_views(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) ->
             raise ValueError(msg)
 
 
-def check_arithmetic(keys: list[str], lhs: list[Tensor], fun: Merge) -> None:
+def check_arithmetic(
+    keys: list[str], lhs: list[Tensor], fun: Merge, dtypes: set[torch.dtype] | None = None
+) -> None:
     """A named merge that computes (lerp, add...) needs a kernel for each lhs dtype."""
-    if getattr(fun, "arithmetic", True) is False or set(map(_DTYPE, lhs)).isdisjoint(_FLOAT8):
+    if dtypes is None:
+        dtypes = set(map(_DTYPE, lhs))
+    if getattr(fun, "arithmetic", True) is False or dtypes.isdisjoint(_FLOAT8):
         return
     key, tensor = next((k, t) for k, t in zip(keys, lhs, strict=True) if t.dtype in _FLOAT8)
     msg = (
