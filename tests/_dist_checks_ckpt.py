@@ -227,8 +227,10 @@ def check_collective_save_writes_one_plain_checkpoint(ctx: Ctx) -> None:
 
 
 def check_collective_save_of_the_sharded_layout(ctx: Ctx) -> None:
-    """tms.save(sharded, dir, max_shard_size=...) writes the index and shards, read by anyone."""
-    ms = ModelState.new(_sharded(seed=1))
+    """tms.save(sharded, dir, max_shard_size=...) writes the index and shards, read by anyone
+    (here with Shard(1) placements too)."""
+    ms = ModelState.new(_sharded(seed=1, dim=1))
+    assert ms.parameters()["0.weight"].placements == (Shard(1),)
     tms.save(ms, ctx.tmp / "ckpt", max_shard_size=64)
     assert (ctx.tmp / "ckpt" / "model.safetensors.index.json").exists()
     _assert_equal(tms.load(ctx.tmp / "ckpt").to_dict(), _fulls(ModelState.new(_model(seed=1))))

@@ -2,11 +2,12 @@
 
 **Save** (`save`): rank 0 of the DTensors' process group writes the checkpoint with the
 ordinary writer (single file or sharded layout, atomic), asking for one tensor at a time;
-for each DTensor the ranks gather that one tensor (``full_tensor``), so no rank holds more
-than its shards plus one full tensor. Before each gather rank 0 says "go" or "stop" (a
-one-element broadcast), and at the end "done" or the error it met, so a failing write
-(a full disk, a directory in the way) raises the same error on every rank instead of
-leaving the others waiting in a gather.
+for each DTensor the ranks gather that one tensor to rank 0 (``dist.gather`` into one buffer
+for ``Shard(0)``, the FSDP2 layout; ``full_tensor`` otherwise), so rank 0 holds its shards plus
+one full tensor and the other ranks little more than their shards. Before each gather rank 0
+says "go" or "stop" (a one-element broadcast), and at the end "done" or the error it met, so
+a failing write (a full disk, a directory in the way) raises the same error on every rank
+instead of leaving the others waiting in a gather.
 
 **Load** (`split_sharded`, `read_sharded`): a DTensor destination reads only the bytes of
 its rank's shard: the shard of a tensor of global shape ``S`` at offset ``o`` is a set of
@@ -32,7 +33,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torch_modelstate import _distributed, _kernels
@@ -70,7 +71,7 @@ def save(
             tensor = tensors[spec.key]
             if isinstance(tensor, DTensor):
                 _expect_go(group, root)
-                tensor.full_tensor()  # this rank's part of the gather; rank 0 writes it
+                _gather(tensor, group, root, mine=False)  # this rank's part; rank 0 writes it
         _expect_go(group, root, final=True)
         return
 
@@ -80,7 +81,7 @@ def save(
             tensor = tensors[spec.key]
             if isinstance(tensor, DTensor):
                 _say(group, root, _GO)
-                tensor = tensor.full_tensor()
+                tensor = _gather(tensor, group, root, mine=True)
             if not is_plain_cpu(tensor):
                 host = torch.empty(spec.shape, dtype=spec.dtype)
                 _kernels.copy_([host], [tensor])
@@ -94,6 +95,30 @@ def save(
         _say(group, root, _STOP, error)
         raise
     _say(group, root, _DONE)
+
+
+def _gather(t: DTensor, group: dist.ProcessGroup, root: int, *, mine: bool) -> Tensor:
+    """`t`'s whole value on rank 0 (`mine`); elsewhere this rank's part of the gather."""
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or t.ndim == 0:
+        full = t.full_tensor()
+        return full if mine else full[:0]
+    world = dist.get_world_size(group)
+    rows = t.shape[0]
+    chunk = -(-rows // world)  # Shard(0) splits as torch.chunk: rank i holds rows i*chunk...
+    local = _distributed.to_local(t)
+    if rows == 0:
+        return local
+    if local.shape[0] != chunk:  # uneven (or empty) shard: pad to the chunk for the gather
+        pad = local.new_zeros((chunk - local.shape[0], *local.shape[1:]))
+        local = torch.cat([local, pad])
+    local = local.contiguous()
+    if not mine:
+        dist.gather(local, dst=root, group=group)
+        return local
+    out = torch.empty((chunk * world, *t.shape[1:]), dtype=local.dtype, device=local.device)
+    parts = [out[i * chunk : (i + 1) * chunk] for i in range(world)]
+    dist.gather(local, gather_list=parts, dst=root, group=group)
+    return out[:rows]
 
 
 def _say(group: dist.ProcessGroup, root: int, code: int, error: Exception | None = None) -> None:
