@@ -19,7 +19,8 @@ arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the righ
 from __future__ import annotations
 
 from collections.abc import Iterator
-from operator import attrgetter
+from itertools import compress
+from operator import attrgetter, not_
 from typing import Literal, TypeAlias
 
 import torch
@@ -128,6 +129,26 @@ def _uniform_float_cpu(lhs: list[Tensor], rhs: list[Tensor]) -> bool:
     return _all_cpu(lhs, rhs)
 
 
+def _cpu_split(
+    lhs: list[Tensor], rhs: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None:
+    """On the CPU, with each rhs of its lhs's dtype: (float lhs, float rhs, other lhs, other
+    rhs), split by C-level passes (one int64 buffer among floats costs no Python per tensor).
+    None when a pair needs a cast or a tensor is off the CPU (the grouped path serves)."""
+    dtypes = list(map(_DTYPE, lhs))
+    if dtypes != list(map(_DTYPE, rhs)) or not _all_cpu(lhs, rhs):
+        return None
+    floating = {dt for dt in set(dtypes) if _is_float(dt)}
+    flags = list(map(floating.__contains__, dtypes))
+    others = list(map(not_, flags))
+    return (
+        list(compress(lhs, flags)),
+        list(compress(rhs, flags)),
+        list(compress(lhs, others)),
+        list(compress(rhs, others)),
+    )
+
+
 def _binary_groups(
     lhs: list[Tensor], rhs: list[Tensor]
 ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[Tensor]]:
@@ -204,6 +225,13 @@ def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloa
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_lerp_(lhs, rhs, weight)
         return
+    split = _cpu_split(lhs, rhs)
+    if split is not None:
+        fl, fr, int_l, int_r = split
+        if fl:
+            torch._foreach_lerp_(fl, fr, weight)
+        _nonfloat(int_l, int_r, nonfloat)
+        return
     floats, int_l, int_r = _binary_groups(lhs, rhs)
     for ls, rs in _float_chunks(floats):
         torch._foreach_lerp_(ls, rs, weight)
@@ -217,6 +245,13 @@ def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat)
     rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):
         torch._foreach_add_(lhs, rhs, alpha=alpha)
+        return
+    split = _cpu_split(lhs, rhs)
+    if split is not None:
+        fl, fr, int_l, int_r = split
+        if fl:
+            torch._foreach_add_(fl, fr, alpha=alpha)
+        _nonfloat(int_l, int_r, nonfloat)
         return
     floats, int_l, int_r = _binary_groups(lhs, rhs)
     for ls, rs in _float_chunks(floats):
