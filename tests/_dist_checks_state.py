@@ -225,13 +225,15 @@ def check_agreement_raises_one_error_on_every_rank(ctx: Ctx) -> None:
 
 
 def check_update_refuses_a_model_whose_parameters_are_gathered(ctx: Ctx) -> None:
-    """After a forward with no backward FSDP2 holds gathered copies: update refuses, writes none."""
+    """After a forward with no backward FSDP2 holds gathered copies: update and merge refuse."""
     model = _sharded()
     model.eval()
     model(torch.randn(2, 3))  # the root group stays gathered
     ms = ModelState.new(model)
     with pytest.raises(ValueError, match=r"reshard\(\)"):
         ms.update(_values(1))
+    with pytest.raises(ValueError, match=r"reshard\(\)"):
+        ms.merge(ModelState.new(_sharded(seed=2)), merges.lerp(0.5))
     model.reshard()
     ms.update(_values(1))
     _assert_equal(_fulls(ModelState.new(model)), _values(1))
