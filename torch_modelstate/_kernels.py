@@ -18,7 +18,7 @@ arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the righ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import compress
 from operator import attrgetter, not_
 from typing import Literal, TypeAlias
@@ -26,7 +26,7 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor
 
-from torch_modelstate import _distributed
+from torch_modelstate import _distributed, _pack
 
 NonFloat: TypeAlias = Literal["rhs", "lhs"]
 
@@ -98,6 +98,11 @@ def _storage(t: Tensor) -> int:
 def copy_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """Copy ``srcs[i]`` into ``dsts[i]`` for all i, casting and moving as needed."""
     if not dsts:
+        return
+    flats = _pack.flat_pairs(dsts, srcs)
+    if flats is not None:  # two packed states of one layout: one copy per group
+        for dst_flat, src_flat in flats:
+            dst_flat.copy_(src_flat)
         return
     dsts, srcs = _distributed.local_pairs(dsts, srcs)
     srcs = _unaliased(dsts, srcs)
@@ -212,6 +217,21 @@ def _float_chunks(
             yield chunk_l, list(map(to, chunk_r))
 
 
+def _packed(
+    lhs: list[Tensor], rhs: list[Tensor], nonfloat: NonFloat, op: Callable[[Tensor, Tensor], object]
+) -> bool:
+    """Run `op` once per group on the flat buffers of two packed states of one layout."""
+    flats = _pack.flat_pairs(lhs, rhs)
+    if flats is None:
+        return False
+    for lf, rf in flats:
+        if _is_float(lf.dtype):
+            op(lf, rf)
+        elif nonfloat == "rhs":
+            lf.copy_(rf)
+    return True
+
+
 def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> None:
     if int_l and nonfloat == "rhs":
         copy_(int_l, int_r)
@@ -220,6 +240,8 @@ def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> N
 @torch.no_grad()
 def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += weight * (rhs[i] - lhs[i])`` in place, as grouped ``_foreach_lerp_``."""
+    if _packed(lhs, rhs, nonfloat, lambda lf, rf: lf.lerp_(rf, weight)):
+        return
     lhs, rhs = _distributed.local_pairs(lhs, rhs)
     rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):
@@ -241,6 +263,8 @@ def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloa
 @torch.no_grad()
 def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat) -> None:
     """``lhs[i] += alpha * rhs[i]`` in place, as grouped ``_foreach_add_``."""
+    if _packed(lhs, rhs, nonfloat, lambda lf, rf: lf.add_(rf, alpha=alpha)):
+        return
     lhs, rhs = _distributed.local_pairs(lhs, rhs)
     rhs = _unaliased(lhs, rhs)
     if _uniform_float_cpu(lhs, rhs):

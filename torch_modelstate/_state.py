@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _frozen, _groups, _kernels, _tied_module, _ties, _update
+from torch_modelstate import _frozen, _groups, _kernels, _pack, _tied_module, _ties, _update
 from torch_modelstate._errors import KeyNotFoundError
 from torch_modelstate._groups import Rules
 from torch_modelstate._index import Index, Leaf, Tie, current_index, forget, index_entries, unwrap
@@ -177,6 +177,8 @@ class ModelState:
         tensors = [leaf.tensor for leaf in index.leaves]
         if dtype is None and target is None:
             cloned = _kernels.clone(tensors)
+            if _pack.layout_of(tensors) is not None:  # a packed state clones packed (speed)
+                _pack.pack(cloned)
         else:
             cloned = [_empty_copy(t, dtype, target) for t in tensors]
             if target is None or target.type != "meta":
@@ -193,6 +195,30 @@ class ModelState:
         state._state_keys = {leaf.key for leaf in index.leaves if not leaf.is_param}
         state._frozen = frozen
         return state
+
+    def pack(self) -> ModelState:
+        """Opt-in packed storage: one flat buffer per (device, dtype) group of the tensors.
+
+        Every parameter and buffer keeps its identity (its ``.data`` becomes a view of the
+        group's buffer), so optimizers and hooks are unaffected; `clone()` of a packed state
+        is packed alike, and `update`/`merge` between two packed states of one layout run one
+        op per group instead of one per tensor. Whatever later replaces a tensor or its data
+        (``.to()``, ``fully_shard``, ``load_state_dict(assign=True)``) just ends the fast path.
+        Costs one copy of the state when called. Returns self.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_modelstate import merges
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> weight = model[0].weight
+        >>> ms = ModelState.new(model).pack()
+        >>> ema = ms.clone()
+        >>> _ = ema.merge(ms, merges.ema(0.9))
+        >>> model[0].weight is weight, torch.equal(ema["0.weight"], weight)
+        (True, True)
+        """
+        _pack.pack([leaf.tensor for leaf in self._idx().leaves])
+        return self
 
     def param_groups(
         self, rules: Rules | None = None, *, strict: bool = True, **defaults: Any
