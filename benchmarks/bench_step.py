@@ -219,8 +219,8 @@ def packed_row(model: nn.Module, repeats: int) -> None:
     ema = ms.clone()
     step = merges.ema(DECAY)
     floats = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
-    nbytes = sum(p.numel() for p in floats)
-    flat_a, flat_b = torch.randn(nbytes), torch.randn(nbytes)
+    numel = sum(p.numel() for p in floats)
+    flat_a, flat_b = torch.randn(numel), torch.randn(numel)
 
     def flat() -> None:
         flat_a.lerp_(flat_b, 1 - DECAY)
@@ -233,7 +233,6 @@ def packed_row(model: nn.Module, repeats: int) -> None:
         t["packed"] / t["flat"],
         1.3,
     )
-    ModelState.new(model)  # leave the model as it was for the peers (packing is harmless)
 
 
 def peer_rows(model: nn.Module, ours: dict[str, float], repeats: int) -> None:
@@ -355,7 +354,7 @@ def io_rows(quick: bool, repeats: int) -> None:
 
     from torch_modelstate import cli
 
-    shape = LM_QUICK if quick else (16000, 1024, 2816, 8)
+    shape = LM_QUICK if quick else (16000, 768, 2048, 8)
     model = lm(*shape)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
