@@ -4,8 +4,10 @@ Two targets cannot take a value, and torch only says so while writing (after ear
 were written): an inference tensor (made under ``torch.inference_mode()``) written by a kernel
 outside inference mode, and a tensor whose memory is mapped read-only (``torch.frombuffer``
 over a read-only ``mmap``), which a kernel cannot write and a read reports as ``EFAULT``.
-Both are found here, before any write. Read-only memory is found from the process's memory
-map (``/proc/self/maps``, Linux); elsewhere only the inference check runs.
+Both are found here, before any write: the first (with layouts and lazy views) by the rule
+update and merge use (`torch_modelstate._writable.check_destinations`), told which targets
+are read into as bytes rather than written by a kernel; read-only memory from the process's
+memory map (``/proc/self/maps``, Linux only), which update does not check yet.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import bisect
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from torch_modelstate import _distributed
+from torch_modelstate import _writable as destinations
 from torch_modelstate.checkpoint._codec import TensorInfo, is_plain_cpu
 
 _MAPS = Path("/proc/self/maps")
@@ -31,16 +33,14 @@ def direct(info: TensorInfo, dst: Tensor) -> bool:
 def problems(writes: Sequence[tuple[str, TensorInfo, Tensor]]) -> list[str]:
     """One message per target tensor that loading cannot write (key, why, the fix)."""
     found: list[str] = []
-    inference_ok = torch.is_inference_mode_enabled()
-    for key, info, dst in writes:
-        if dst.is_inference() and not inference_ok and not direct(info, dst):
-            found.append(
-                f"`{key}` in the target is an inference tensor (made under "
-                f"torch.inference_mode()) and the value needs a copy into it "
-                f"({info.torch_dtype} -> {dst.dtype}), which torch allows only in inference mode.\n"
-                "  fix: call the load inside `with torch.inference_mode():`, or build the "
-                "model outside inference mode"
-            )
+    keys = [key for key, _, _ in writes]
+    dsts = [_distributed.to_local(dst) for _, _, dst in writes]  # a DTensor: its shard
+    try:  # the rule update and merge follow; bytes read straight in need no kernel
+        destinations.check_destinations(
+            "load", keys, dsts, kernel=[not direct(info, dst) for _, info, dst in writes]
+        )
+    except ValueError as err:
+        found.append(str(err).removeprefix("load: "))
     # A DTensor's memory is its local shard.
     locals_ = ((key, _distributed.to_local(dst)) for key, _, dst in writes)
     cpu = [(key, dst) for key, dst in locals_ if dst.device.type == "cpu" and dst.numel()]
