@@ -23,6 +23,9 @@ The first round warms the page cache and is dropped; figures are medians of the 
 (the slower rank's time, the larger rank's peak). Goals (issue 9): per-rank extra peak at most
 model/2 + largest tensor + 10%; time at most 1.2x the fastest other method.
 
+Save: ``tms.save(model, path)`` on both ranks (rank 0 writes; one DTensor gathered at a time):
+time and each rank's extra peak.
+
 EMA: ``ema.merge(ms, merges.ema(0.999))`` with ``ema = ms.clone()`` on the 2-rank sharded
 model (each rank updates its shards; no communication) against the same on one process
 holding the whole model; milliseconds per step, median of several steps.
@@ -156,6 +159,23 @@ def load_worker(rank: int, method: str, path: str, dims: tuple[int, int, int], t
     dist.destroy_process_group()
 
 
+def save_worker(rank: int, dims: tuple[int, int, int], out: str, tmp: str) -> None:
+    import torch_modelstate as tms
+
+    _init(rank, tmp)
+    model = build(dims, sharded=True)
+    before = rss()
+    resettable = reset_peak()
+    dist.barrier()
+    start = time.perf_counter()
+    tms.save(model, out)  # collective: rank 0 writes
+    seconds = time.perf_counter() - start
+    top = peak() if resettable else -1
+    result = {"rank": rank, "s": seconds, "before": before, "peak": top}
+    Path(tmp, f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
 def ema_worker(rank: int, dims: tuple[int, int, int], steps: int, tmp: str) -> None:
     from torch_modelstate import ModelState, merges
 
@@ -242,6 +262,13 @@ def main() -> int:
         rows[method] = (secs, extra)
         verdict = "ok" if ok else "WRONG"
         print(f"{method:<22} {secs:>7.3f}s {gb(extra):>18} {gb(before):>11}  {verdict}")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        saved = spawn(save_worker, (dims, str(Path(tmp, "model.safetensors"))))
+    print(f"\ncollective tms.save of the 2-rank model ({gb(total)}):")
+    for x in saved:
+        extra = x["peak"] - x["before"]
+        print(f"  rank {x['rank']}: {x['s']:.2f} s, extra peak {gb(extra)}")
+    print(f"  (the largest tensor: {gb(largest)})")
     steps = 3 if args.quick else 7
     sharded = max(x["ms"] for x in spawn(ema_worker, (dims, steps)))
     single = ema_single(dims, steps)
