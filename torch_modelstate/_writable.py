@@ -6,7 +6,7 @@ with the rule, the key, expected, got and the fix:
 
 - destinations (`check_destinations`): a layout other than strided, elements that overlap in
   memory (an expanded, stride-0 buffer), a lazy conjugate or negative view, an inference
-  tensor written outside ``torch.inference_mode()`` (``ValueError``);
+  tensor written outside ``torch.inference_mode()``, memory mapped read-only (``ValueError``);
 - values (`check_values`): sparse, nested or another non-strided layout, on the meta device,
   quantized (unless written into a quantized tensor as float32), complex for a real
   destination (``TypeError``); a shape that differs (``ValueError``, `check_shapes`);
@@ -22,15 +22,24 @@ ValueError: update: `w` cannot be written in place: several of its elements shar
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from operator import attrgetter
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from torch_modelstate import _distributed
 from torch_modelstate.merges import Merge
 
-__all__ = ["check_arithmetic", "check_destinations", "check_shapes", "check_values"]
+__all__ = [
+    "check_arithmetic",
+    "check_destinations",
+    "check_read_only",
+    "check_shapes",
+    "check_values",
+]
 
 # One C call per pair, where comparing `.shape`s would build two torch.Size objects.
 _SAME_SIZE = Tensor.is_same_size
@@ -39,6 +48,11 @@ _LAYOUT = attrgetter("layout")
 _IS_CPU = attrgetter("is_cpu")
 _IS_CONTIGUOUS = Tensor.is_contiguous
 _IS_INFERENCE = Tensor.is_inference
+_STORAGE = Tensor.untyped_storage
+# False for memory torch did not allocate (torch.frombuffer, from_file, from_numpy, mmap):
+# only then can a CPU tensor lie in read-only memory, and only then is the memory map read.
+_RESIZABLE = torch.UntypedStorage.resizable
+_MAPS = Path("/proc/self/maps")
 _STRIDED = {torch.strided}
 _FLOAT32 = {torch.float32}
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
@@ -177,8 +191,9 @@ def check_destinations(
     kernel: Sequence[bool] | None = None,
 ) -> set[torch.dtype]:
     """Every destination can be written in place: dense, no element sharing memory with
-    another (expanded tensors), no lazy conjugate view, and not an inference tensor outside
-    inference mode. `kernel[i]` False says ``dsts[i]`` is filled as raw bytes, not by a torch
+    another (expanded tensors), no lazy conjugate view, not an inference tensor outside
+    inference mode, and not in memory mapped read-only (where a write kills the process).
+    `kernel[i]` False says ``dsts[i]`` is filled as raw bytes, not by a torch
     kernel (as load reads straight into a tensor), which an inference tensor allows.
     Returns the destinations' dtypes, for the checks that follow."""
     if set(map(_LAYOUT, dsts)) - _STRIDED:
@@ -208,6 +223,12 @@ def check_destinations(
                     "buffer.clone() instead of an expanded view)"
                 )
                 raise ValueError(msg)
+    try:  # one C-level pass; torch-allocated storage is writable
+        owned = all(map(_RESIZABLE, map(_STORAGE, dsts)))
+    except (RuntimeError, NotImplementedError):  # a subclass (a DTensor) without plain storage
+        owned = False
+    if not owned:
+        check_read_only(verb, keys, dsts)
     if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, dsts)):
         writes = [True] * len(dsts) if kernel is None else kernel
         found = [k for k, d, w in zip(keys, dsts, writes, strict=True) if w and d.is_inference()]
@@ -224,6 +245,64 @@ def check_destinations(
         )
         raise ValueError(msg)
     return dtypes
+
+
+def check_read_only(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:
+    """No CPU destination (a DTensor: its local shard) lies in memory the process may not
+    write, as ``torch.frombuffer`` over an ``mmap`` opened with ``ACCESS_READ`` does: torch
+    would write it anyway and the process dies (SIGSEGV). Reads ``/proc/self/maps`` (Linux;
+    elsewhere nothing is checked) only if some storage was not allocated by torch."""
+    candidates: list[tuple[str, int, int]] = []
+    for key, dst in zip(keys, dsts, strict=True):
+        local = _distributed.to_local(dst)
+        if local.device.type != "cpu" or not local.numel():
+            continue
+        try:
+            storage = local.untyped_storage()
+            if storage.resizable():
+                continue
+            lo = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # a subclass without plain storage
+            continue
+        candidates.append((key, lo, lo + storage.nbytes()))
+    writable = _writable_ranges() if candidates else None
+    if writable is None:
+        return
+    starts = [lo for lo, _ in writable]
+    for key, lo, hi in candidates:
+        i = bisect.bisect_right(starts, lo) - 1
+        if i < 0 or writable[i][1] < hi:
+            msg = (
+                f"{verb}: `{key}` lies in read-only memory, so values cannot be written "
+                "into it.\n"
+                "  expected: writable memory\n"
+                "  got: a read-only memory map (such as torch.frombuffer over an mmap opened "
+                "with ACCESS_READ)\n"
+                "  fix: give the module a writable copy first (e.g. "
+                "module.register_buffer(name, tensor.clone())), or map the file with "
+                "mmap.ACCESS_COPY"
+            )
+            raise ValueError(msg)
+
+
+def _writable_ranges() -> list[tuple[int, int]] | None:
+    """Sorted, merged address ranges the process may write, or None where unknown."""
+    try:
+        text = _MAPS.read_text()
+    except OSError:
+        return None
+    ranges: list[tuple[int, int]] = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=2)
+        if len(fields) < 2 or "w" not in fields[1]:
+            continue
+        lo_text, _, hi_text = fields[0].partition("-")
+        lo, hi = int(lo_text, 16), int(hi_text, 16)
+        if ranges and ranges[-1][1] == lo:
+            ranges[-1] = (ranges[-1][0], hi)
+        else:
+            ranges.append((lo, hi))
+    return ranges
 
 
 def _check_lazy_views(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:
