@@ -282,7 +282,7 @@ cmd = [
 ]
 done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=workdir)
 print("$ torch-modelstate merge ft_a.safetensors ft_b.safetensors -o soup.safetensors")
-print((done.stdout + done.stderr).replace(workdir + os.sep, "").strip())
+print((done.stderr + done.stdout).replace(workdir + os.sep, "").strip())  # the bar, then the result
 
 from_cli = tms.load(paths["soup"])
 diff = max((from_cli.to_dict()[k] - v).abs().max().item() for k, v in soup.to_dict().items())
