@@ -98,11 +98,20 @@ def check_names(module: ModuleType) -> list[str]:
 
 
 def run_selected(
-    request: pytest.FixtureRequest, tmp_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tmp_factory: pytest.TempPathFactory | ModuleType,
+    tmp: Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The results of every selected check of the session (``-k`` and the like respected),
     run in one spawn the first time a distributed test module asks. A test module names its
-    checks module as ``CHECKS``; results are keyed ``"module:check"``."""
+    checks module as ``CHECKS``; results are keyed ``"module:check"``.
+
+    The older form ``run_selected(request, checks_module, tmp)`` runs that module's selected
+    checks in a spawn of their own, keyed by check name.
+    """
+    if isinstance(tmp_factory, ModuleType):
+        assert tmp is not None
+        return _run_module(request, tmp_factory, tmp)
     session = request.session
     cached: dict[str, list[dict[str, Any]]] | None = getattr(session, "_dist_results", None)
     if cached is None:
@@ -116,6 +125,20 @@ def run_selected(
         cached, _ = run_group(names, tmp_factory.mktemp("dist"))
         session._dist_results = cached  # type: ignore[attr-defined]
     return cached
+
+
+def _run_module(
+    request: pytest.FixtureRequest, module: ModuleType, tmp: Path
+) -> dict[str, list[dict[str, Any]]]:
+    here = request.module
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "module", None) is here and hasattr(item, "callspec")
+    }
+    names = [name for name in check_names(module) if name in selected]
+    results, _ = run_group([f"{module.__name__}:{name}" for name in names], tmp)
+    return {name.partition(":")[2]: value for name, value in results.items()}
 
 
 def _worker(rank: int, tmp: str, names: list[str]) -> None:
