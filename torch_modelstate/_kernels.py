@@ -34,6 +34,8 @@ _GroupKey: TypeAlias = tuple[torch.device, torch.dtype, torch.device, torch.dtyp
 
 _IS_CPU = attrgetter("is_cpu")
 _IS_VIEW = Tensor._is_view
+_STORAGE = Tensor.untyped_storage
+_STORAGE_PTR = torch.UntypedStorage.data_ptr
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 
@@ -71,13 +73,19 @@ def _unaliased(dsts: list[Tensor], srcs: list[Tensor]) -> list[Tensor]:
 
     ``update({"a": b, "b": a})`` must read both values before writing either, and
     ``update({"w": w.t()})`` must not copy a tensor onto a transposed view of itself. The
-    check is cheap unless a source is one of the destinations or a view (``_is_view``);
+    check is cheap unless a source shares storage with a destination;
     then sources sharing storage with a destination are copied first, except a source that
-    is exactly the view it is written to. Detached aliases (``t.detach()`` of another
-    destination) are not views to torch and are not looked for.
+    is exactly the view it is written to. Aliases are found by storage, so ``t.detach()``,
+    ``t.data`` and ``state_dict()`` values of another destination count too. The pre-check is
+    C-level: storage pointers of both sides, compared as sets.
     """
-    if set(map(id, dsts)).isdisjoint(map(id, srcs)) and not any(map(_IS_VIEW, srcs)):
-        return srcs
+    try:
+        ptrs = set(map(_STORAGE_PTR, map(_STORAGE, dsts)))
+        if ptrs.isdisjoint(map(_STORAGE_PTR, map(_STORAGE, srcs))):
+            return srcs
+    except (RuntimeError, NotImplementedError):  # a subclass without plain storage
+        if set(map(id, dsts)).isdisjoint(map(id, srcs)) and not any(map(_IS_VIEW, srcs)):
+            return srcs
     writes: dict[int, list[int]] = {}
     for i, d in enumerate(dsts):
         writes.setdefault(_storage(d), []).append(i)
