@@ -236,9 +236,15 @@ def test_to_empty_keeps_transform_ties_and_their_devices() -> None:
         model = nn.ModuleDict({"enc": nn.Linear(4, 3), "dec": nn.Linear(3, 4)})
     ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
     model.to_empty(device="cpu")
-    assert ms.to_dict()["dec.weight"].device.type == "cpu"
+    # to_empty leaves memory uninitialised (it may hold NaN, which torch.equal never matches).
+    known = torch.arange(12.0).reshape(3, 4)
+    with torch.no_grad():
+        model["enc"].weight.copy_(known)
+    computed = ms.to_dict()["dec.weight"]
+    assert computed.device.type == "cpu"
+    assert torch.equal(computed, known.t())
     ms.untie("dec.weight").tie("dec.weight", "enc.weight", "transpose")
-    assert torch.equal(model["dec"].weight, model["enc"].weight.t())
+    assert torch.equal(model["dec"].weight, known.t())
 
 
 def test_replacing_a_transform_ties_source_module_is_reported_and_untie_recovers() -> None:
