@@ -261,7 +261,8 @@ def update_row(n: int, repeats: int) -> None:
     model = Tiny(n)
     ms = ModelState.new(model)
     src = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dsts = [ms.to_dict()[k] for k in src]
+    current = ms.to_dict()
+    dsts = [current[k] for k in src]
     srcs = list(src.values())
 
     def raw() -> None:
@@ -430,7 +431,8 @@ def scaling(counts: list[int], repeats: int) -> None:
         step = merges.ema(DECAY)
         floor = raw_ema(*float_lists(ema, ms))
         src = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        dsts = [ms.to_dict()[k] for k in src]
+        current = ms.to_dict()
+        dsts = [current[k] for k in src]
         srcs = list(src.values())
 
         def raw_copy() -> None:
