@@ -289,6 +289,8 @@ def check_collective_load_is_all_or_nothing_on_every_rank(ctx: Ctx) -> None:
     with pytest.raises(tms.CheckpointMismatchError, match=r"1\.running_mean"):
         tms.load(bad if ctx.rank == 1 else good, into=ms)
     _assert_equal(_fulls(ms), before)
+    with pytest.raises(tms.CheckpointMismatchError, match=r"1\.running_mean"):
+        tms.io.check(bad if ctx.rank == 1 else good, into=ms)  # the same collective checks
 
 
 def check_tied_embeddings_survive_collective_save_and_load(ctx: Ctx) -> None:
@@ -307,13 +309,18 @@ def check_tied_embeddings_survive_collective_save_and_load(ctx: Ctx) -> None:
 
 
 def check_load_refuses_a_model_whose_parameters_are_gathered(ctx: Ctx) -> None:
-    """After a forward with no backward FSDP2 holds gathered copies: load refuses them."""
+    """After a forward with no backward FSDP2 holds gathered copies: load, check, save refuse."""
     path = _plain_checkpoint(ctx, seed=1)
     model = _sharded()
     model.eval()
     model(torch.randn(2, 4))  # the root group stays gathered
     with pytest.raises(ValueError, match=r"gathered[\s\S]*reshard\(\)"):
         tms.load(path, into=model)
+    with pytest.raises(ValueError, match=r"gathered[\s\S]*reshard\(\)"):
+        tms.io.check(path, into=model)
+    with pytest.raises(ValueError, match=r"save: [\s\S]*reshard\(\)"):
+        tms.save(model, ctx.tmp / "gathered.safetensors")
+    assert not (ctx.tmp / "gathered.safetensors").exists()
     model.reshard()
     tms.load(path, into=model)
     _assert_equal(_fulls(ModelState.new(model)), _fulls(ModelState.new(_model(seed=1))))

@@ -138,13 +138,13 @@ def check_update_validation_is_collective(ctx: Ctx) -> None:
 
 
 def check_merge_between_sharded_states_is_local(ctx: Ctx) -> None:
-    """merge of two sharded states (with buffers) runs on local shards, no communication."""
+    """merge of two sharded states (with buffers) runs on local shards: no data is sent."""
     lhs_model, rhs_model = _sharded(), _sharded(seed=3)
     lhs, rhs = ModelState.new(lhs_model), ModelState.new(rhs_model)
     a, b = _fulls(lhs), _fulls(rhs)
     with CommDebugMode() as comms:
         lhs.merge(rhs, merges.lerp(0.25))
-    assert comms.get_total_counts() == 0
+    assert comms.get_total_counts() == 1  # only the all-reduce of the collective checks
     want = {k: (torch.lerp(a[k], b[k], 0.25) if a[k].is_floating_point() else b[k]) for k in a}
     _assert_equal(_fulls(lhs), want)
 
@@ -237,3 +237,18 @@ def check_update_refuses_a_model_whose_parameters_are_gathered(ctx: Ctx) -> None
     model.reshard()
     ms.update(_values(1))
     _assert_equal(_fulls(ModelState.new(model)), _values(1))
+
+
+def check_merge_validation_is_collective(ctx: Ctx) -> None:
+    """If `fun` fails on one rank, every rank raises the same error and none writes."""
+    lhs, rhs = ModelState.new(_sharded()), ModelState.new(_sharded(seed=3))
+    before = _fulls(lhs)
+
+    def fun(path: list[str], x: Tensor, y: Tensor) -> Tensor:
+        if ctx.rank == 1 and path == ["2", "bias"]:
+            raise ValueError("fun: refused on this rank")
+        return x + y
+
+    with pytest.raises(ValueError, match="fun: refused on this rank"):
+        lhs.merge(rhs, fun)
+    _assert_equal(_fulls(lhs), before)

@@ -189,7 +189,15 @@ def plan_merge(
 ) -> Plan:
     """Gather and check the pairs of ``merge(other, fun)``; a plain `fun` runs here, on
     every tensor, and its results are checked before the plan is returned. `module` is the
-    model `index` views (None for a standalone state)."""
+    model `index` views (None for a standalone state). Over a sharded state the checks are
+    collective (one all-reduce of a flag): if `fun` or a check fails on one rank, every rank
+    raises and none writes."""
+    model = list(map(_TENSOR, index.leaves))
+    with _distributed.agreement(model) if _distributed.any_dtensor(model) else nullcontext():
+        return _plan_merge(index, other, fun, module)
+
+
+def _plan_merge(index: Index, other: Index, fun: MergeFn | Merge, module: nn.Module | None) -> Plan:
     _distributed.check_sharded(module, "merge")
     found = list(map(other.by_key.get, index.keys))
     if None in found or other.ties:

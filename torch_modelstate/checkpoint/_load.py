@@ -126,8 +126,11 @@ def check(
     check_rename(rename)
     with open_checkpoint(path) as ckpt:
         saved = read_entry(ckpt)
-        plan = make_plan(ckpt, saved, ModelState.new(into), strict, frozen=chosen, rename=rename)
-        verify_pairs(ckpt, plan.pairs)
+        target = ModelState.new(into)
+        with _distributed.agreement(target.state_dict().values()):  # as in load (dist)
+            _distributed.check_sharded(target.module, "check")
+            plan = make_plan(ckpt, saved, target, strict, frozen=chosen, rename=rename)
+            verify_pairs(ckpt, plan.pairs)
     return plan.report
 
 

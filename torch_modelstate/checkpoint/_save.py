@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _kernels
+from torch_modelstate import _distributed, _kernels
 from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint import _budget, _collective
 from torch_modelstate.checkpoint._codec import CODE, Spec, is_plain_cpu
@@ -44,6 +44,7 @@ def save(
     ['bias', 'weight']
     """
     ms = ModelState.new(state_or_module)
+    _distributed.check_sharded(ms.module, "save")  # gathered FSDP2 parameters: refused (dist)
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     index = ms._idx()
     tensors: dict[str, Tensor] = {}
