@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 import torch
 
 import torch_modelstate as tms
-from torch_modelstate import ModelState, cli, merges
+from torch_modelstate import ModelState, _slerp_files, cli, merges
 from torch_modelstate._slerp_files import slerp_files
 
 
@@ -79,3 +80,19 @@ def test_slerp_of_mismatched_files_is_refused(tmp_path: Path) -> None:
         slerp_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "o")
     with pytest.raises(ValueError, match="exactly two"):
         slerp_files([tmp_path / "a.safetensors"], tmp_path / "o")
+
+
+def test_slerp_files_is_library_code_without_the_cli_layer() -> None:
+    """_slerp_files imports nothing of the command line (UsageError, _cli_* modules)."""
+    tree = ast.parse(Path(_slerp_files.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not [name for name in imported if "_cli" in name or name.endswith(".cli")]
+
+
+def test_slerp_files_errors_name_the_fix(tmp_path: Path) -> None:
+    """A wrong input count or t is a ValueError with expected, got and fix."""
+    pa, pb, _, _ = two(tmp_path)
+    with pytest.raises(ValueError, match=r"(?s)expected: 2 inputs.*got: 1.*fix:"):
+        slerp_files([pa], tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)expected: a finite.*fix:"):
+        slerp_files([pa, pb], tmp_path / "o.safetensors", t=float("nan"))

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from torch_modelstate import _slerp
-from torch_modelstate._cli_paths import UsageError
 from torch_modelstate._errors import CheckpointMismatchError
 from torch_modelstate.checkpoint import _budget
 from torch_modelstate.checkpoint._average import _check_same
@@ -29,42 +28,9 @@ from torch_modelstate.checkpoint._files import open_checkpoint
 from torch_modelstate.checkpoint._layout import parse_size
 from torch_modelstate.checkpoint._writer import write_checkpoint
 
-__all__ = ["check_slerp_args", "slerp_files"]
+__all__ = ["slerp_files"]
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
-
-
-def check_slerp_args(
-    method: str, n_inputs: int, t: float | None, weights: Sequence[float] | None
-) -> None:
-    """The command line of ``merge --method slerp`` (``--t``), checked before anything runs.
-
-    >>> check_slerp_args("slerp", 3, None, None)
-    Traceback (most recent call last):
-    torch_modelstate._cli_paths.UsageError: --method slerp: interpolates exactly two checkpoints.
-      got: 3 inputs
-      fix: give two IN, or use --method mean for more
-    """
-    if method != "slerp":
-        if t is not None:
-            msg = "--t: only --method slerp takes it.\n  fix: add --method slerp, or drop --t"
-            raise UsageError(msg)
-        return
-    if n_inputs != 2:
-        msg = (
-            "--method slerp: interpolates exactly two checkpoints.\n"
-            f"  got: {n_inputs} inputs\n  fix: give two IN, or use --method mean for more"
-        )
-        raise UsageError(msg)
-    if weights is not None:
-        msg = (
-            "--weights: --method slerp takes --t (the position between the two inputs).\n"
-            "  fix: drop --weights; --t 0.3 is 30 % of the way from the first to the second"
-        )
-        raise UsageError(msg)
-    if t is not None and not math.isfinite(t):
-        msg = f"--t: must be a finite number (0 is the first input, 1 the second).\n  got: {t}"
-        raise UsageError(msg)
 
 
 def slerp_files(
@@ -95,10 +61,17 @@ def slerp_files(
     tensor([0.7071, 0.7071])
     """
     if len(inputs) != 2:
-        msg = f"slerp: give exactly two input checkpoints.\n  got: {len(inputs)}"
+        msg = (
+            "slerp: interpolates exactly two checkpoints.\n"
+            f"  expected: 2 inputs\n  got: {len(inputs)}\n"
+            "  fix: pass two paths, or use average() for more"
+        )
         raise ValueError(msg)
     if not math.isfinite(t):
-        msg = f"slerp: `t` must be finite.\n  got: {t!r}"
+        msg = (
+            "slerp: `t` must be finite (0 is the first input, 1 the second).\n"
+            f"  expected: a finite float\n  got: {t!r}\n  fix: pass t between 0 and 1"
+        )
         raise ValueError(msg)
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     with ExitStack() as stack:
@@ -107,7 +80,8 @@ def slerp_files(
         if read_entry(second).ties != read_entry(first).ties:
             msg = (
                 f"{second.path}: its ties differ from those of {first.path}; "
-                "interpolating them is ambiguous."
+                "interpolating them is ambiguous.\n"
+                "  fix: interpolate checkpoints saved with the same ties"
             )
             raise CheckpointMismatchError(msg)
         specs = [Spec(key, info.torch_dtype, info.shape) for key, info in first.tensors.items()]

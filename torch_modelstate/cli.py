@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from torch_modelstate._cli_paths import UsageError, check_merge_output, check_we
 from torch_modelstate._cli_render import render_inspect, render_tensors
 from torch_modelstate._describe import describe
 from torch_modelstate._progress import ProgressBar
-from torch_modelstate._slerp_files import check_slerp_args, slerp_files
+from torch_modelstate._slerp_files import slerp_files
 from torch_modelstate._state import format_bytes
 from torch_modelstate.checkpoint._average import average
 from torch_modelstate.checkpoint._layout import parse_size
@@ -282,6 +283,39 @@ def _inspect(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         render_tensors(sys.stdout, info)
     return 0
+
+
+def check_slerp_args(
+    method: str, n_inputs: int, t: float | None, weights: Sequence[float] | None
+) -> None:
+    """The command line of ``merge --method slerp`` (``--t``), checked before anything runs.
+
+    >>> check_slerp_args("slerp", 3, None, None)
+    Traceback (most recent call last):
+    torch_modelstate._cli_paths.UsageError: --method slerp: interpolates exactly two checkpoints.
+      got: 3 inputs
+      fix: give two IN, or use --method mean for more
+    """
+    if method != "slerp":
+        if t is not None:
+            msg = "--t: only --method slerp takes it.\n  fix: add --method slerp, or drop --t"
+            raise UsageError(msg)
+        return
+    if n_inputs != 2:
+        msg = (
+            "--method slerp: interpolates exactly two checkpoints.\n"
+            f"  got: {n_inputs} inputs\n  fix: give two IN, or use --method mean for more"
+        )
+        raise UsageError(msg)
+    if weights is not None:
+        msg = (
+            "--weights: --method slerp takes --t (the position between the two inputs).\n"
+            "  fix: drop --weights; --t 0.3 is 30 % of the way from the first to the second"
+        )
+        raise UsageError(msg)
+    if t is not None and not math.isfinite(t):
+        msg = f"--t: must be a finite number (0 is the first input, 1 the second).\n  got: {t}"
+        raise UsageError(msg)
 
 
 def _merge(args: argparse.Namespace) -> int:
