@@ -262,7 +262,11 @@ def _write_file(
                 assert tensor.dtype == spec.dtype and tuple(tensor.shape) == spec.shape
                 assert tensor.device.type == "cpu" and tensor.is_contiguous()
                 out.write(tensor_bytes(tensor))
+            # Drop the loop variable too: it would keep the batch's last tensor (for a
+            # collective save, a whole gathered tensor) alive while `fill` makes the next.
             del tensors
+            if batch:
+                del tensor
             if progress is not None:
                 progress(sum(spec.nbytes for spec in batch))
         _fsync(out, path)
