@@ -108,6 +108,15 @@ def apply_rename(
         d, s = new.get(dest), new.get(source)
         if d is not None and s is not None:
             ties[d] = (s, name)
+        elif d is not None and dest not in tensors:  # computed from a skipped source
+            msg = (
+                f"{file}: `rename` skips `{source}`, the source of the tie `{dest}`, which the "
+                "file does not store (it is computed from the source).\n"
+                f"  expected: both `{source}` and `{dest}` kept, or both skipped\n"
+                f"  got: `{source}` skipped, `{dest}` kept\n"
+                "  fix: skip both keys, or keep the source"
+            )
+            raise CheckpointMismatchError(msg)
     renamed = replace(
         saved,
         order=keys(saved.order),
