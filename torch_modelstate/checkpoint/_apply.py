@@ -9,9 +9,10 @@ from torch import Tensor
 
 from torch_modelstate import _kernels
 from torch_modelstate.checkpoint import _budget, _collective
-from torch_modelstate.checkpoint._codec import TensorInfo, is_plain_cpu
+from torch_modelstate.checkpoint._codec import TensorInfo
 from torch_modelstate.checkpoint._files import Checkpoint
 from torch_modelstate.checkpoint._plan import Plan
+from torch_modelstate.checkpoint._writable import direct as is_direct
 
 
 def apply(ckpt: Checkpoint, plan: Plan) -> None:
@@ -42,8 +43,7 @@ def stream(ckpt: Checkpoint, writes: Sequence[tuple[TensorInfo, Tensor]]) -> Non
     direct: list[tuple[TensorInfo, Tensor]] = []
     staged: list[tuple[TensorInfo, Tensor]] = []
     for info, dst in sorted(writes, key=lambda w: (str(w[0].file), w[0].start)):
-        fits = is_plain_cpu(dst) and dst.dtype == info.torch_dtype
-        (direct if fits else staged).append((info, dst))
+        (direct if is_direct(info, dst) else staged).append((info, dst))
     ckpt.read_into(direct)
     # The bytes bypassed autograd: count the writes as copy_ would.
     torch.autograd.graph.increment_version([d for _, d in direct if not d.is_inference()])

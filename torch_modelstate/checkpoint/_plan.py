@@ -139,13 +139,8 @@ def make_plan(
                 )
                 continue
             cast.append(key)
-        if torch._debug_has_internal_overlap(target) == 1:
-            problems.append(
-                f"`{key}` in the target has elements that share memory (an expanded "
-                "tensor), so values cannot be written into it.\n"
-                "  fix: make it a real tensor first, e.g. with .clone()"
-            )
-            continue
+        # Layouts, overlapping elements, lazy views, inference tensors and read-only memory:
+        # the rule update and merge use (`_writable`), after the loop.
         if target.is_meta:
             problems.append(
                 f"`{key}` is on the meta device in the target and has no memory to load into.\n"
