@@ -61,7 +61,7 @@ def test_average_is_the_weighted_mean_in_every_dtype(
 
 def test_staging_is_reused_from_batch_to_batch() -> None:
     """The staging buffer is allocated once and grown only when a batch needs more."""
-    staging = _average._Staging()
+    staging = _average.Staging()
     a = staging.take([(torch.float32, (100,)), (torch.bfloat16, (7, 3))])
     b = staging.take([(torch.float32, (50,))])
     assert a[0].data_ptr() == b[0].data_ptr()

@@ -11,6 +11,7 @@ import torch
 import torch_modelstate as tms
 from torch_modelstate import ModelState, _slerp_files, cli, merges
 from torch_modelstate._slerp_files import slerp_files
+from torch_modelstate.checkpoint import _average, _budget
 
 
 def two(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -96,3 +97,54 @@ def test_slerp_files_errors_name_the_fix(tmp_path: Path) -> None:
         slerp_files([pa], tmp_path / "o.safetensors")
     with pytest.raises(ValueError, match=r"(?s)expected: a finite.*fix:"):
         slerp_files([pa, pb], tmp_path / "o.safetensors", t=float("nan"))
+
+
+def test_slerp_files_imports_no_private_name_of_another_module() -> None:
+    """The same-inputs check and the staging are shared public helpers of `average`."""
+    tree = ast.parse(Path(_slerp_files.__file__).read_text())
+    private = [
+        alias.name
+        for node in ast.walk(tree)
+        # from a private module (`._average`), not a package (which lends its modules)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").rpartition(".")[2][:1] == "_"
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert private == []
+
+
+def test_slerp_files_reuses_its_staging_from_batch_to_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch after batch is read into the same staging memory, and the result is right."""
+    a = {f"w{i}": torch.randn(64) for i in range(4)}
+    b = {f"w{i}": torch.randn(64) for i in range(4)}
+    tms.save(a, tmp_path / "a.safetensors")
+    tms.save(b, tmp_path / "b.safetensors")
+    ptrs: list[int] = []
+    take = _average.Staging.take
+
+    def spy(self: _average.Staging, wanted: list[tuple[torch.dtype, tuple[int, ...]]]) -> list:
+        got = take(self, wanted)
+        ptrs.append(got[0].untyped_storage().data_ptr())
+        return got
+
+    monkeypatch.setattr(_average.Staging, "take", spy)
+    monkeypatch.setattr(_budget, "BUDGET", 64 * 4)  # one tensor per batch
+    out = slerp_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "o")
+    assert len(ptrs) == 8 and len(set(ptrs)) == 2  # two buffers (one per input), reused
+    got = tms.load(out).to_dict()
+    want = ModelState.new(a).clone()
+    want.merge(b, merges.slerp(0.5))
+    for key, value in want.to_dict().items():
+        torch.testing.assert_close(got[key], value)
+
+
+def test_slerp_of_files_with_different_ties_names_the_fix(tmp_path: Path) -> None:
+    """Ties that differ are a CheckpointMismatchError with a fix, as for the mean."""
+    model = torch.nn.ModuleDict({"enc": torch.nn.Linear(2, 2), "dec": torch.nn.Linear(2, 2)})
+    tms.save(ModelState.new(model).tie("dec.weight", "enc.weight"), tmp_path / "a.safetensors")
+    plain = {k: v for k, v in model.state_dict().items() if k != "dec.weight"}  # same keys
+    tms.save(plain, tmp_path / "b.safetensors")
+    with pytest.raises(tms.CheckpointMismatchError, match=r"(?s)ties differ.*fix: interpolate"):
+        slerp_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "o")

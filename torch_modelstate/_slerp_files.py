@@ -15,15 +15,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeAlias
 
-import torch
 from torch import Tensor
 
 from torch_modelstate import _slerp
-from torch_modelstate._errors import CheckpointMismatchError
 from torch_modelstate.checkpoint import _budget
-from torch_modelstate.checkpoint._average import _check_same
+from torch_modelstate.checkpoint._average import Staging, check_same_inputs
 from torch_modelstate.checkpoint._codec import Spec
-from torch_modelstate.checkpoint._entry import read_entry
 from torch_modelstate.checkpoint._files import open_checkpoint
 from torch_modelstate.checkpoint._layout import parse_size
 from torch_modelstate.checkpoint._writer import write_checkpoint
@@ -76,23 +73,19 @@ def slerp_files(
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     with ExitStack() as stack:
         first, second = (stack.enter_context(open_checkpoint(p)) for p in inputs)
-        _check_same(first, second)
-        if read_entry(second).ties != read_entry(first).ties:
-            msg = (
-                f"{second.path}: its ties differ from those of {first.path}; "
-                "interpolating them is ambiguous.\n"
-                "  fix: interpolate checkpoints saved with the same ties"
-            )
-            raise CheckpointMismatchError(msg)
+        check_same_inputs(first, second, "interpolate")
         specs = [Spec(key, info.torch_dtype, info.shape) for key, info in first.tensors.items()]
         total = sum(spec.nbytes for spec in specs)
         done = [0]
 
+        ours, theirs = Staging(), Staging()
+
         def fill(batch: Sequence[Spec]) -> list[Tensor]:
-            out = [torch.empty(s.shape, dtype=s.dtype) for s in batch]
+            # Staging is reused from batch to batch (the writer is done with the last one).
+            out = ours.take([(s.dtype, s.shape) for s in batch])
             first.read_into([(first.tensors[s.key], o) for s, o in zip(batch, out, strict=True)])
             floats = [i for i, s in enumerate(batch) if s.dtype.is_floating_point]
-            other = [torch.empty(batch[i].shape, dtype=batch[i].dtype) for i in floats]
+            other = theirs.take([(batch[i].dtype, batch[i].shape) for i in floats])
             second.read_into(
                 [(second.tensors[batch[i].key], o) for i, o in zip(floats, other, strict=True)]
             )

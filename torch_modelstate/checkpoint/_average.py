@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeAlias
@@ -68,20 +68,14 @@ def average(
         first = ckpts[0]
         saved = read_entry(first)
         for ckpt in ckpts[1:]:
-            _check_same(first, ckpt)
-            if read_entry(ckpt).ties != saved.ties:
-                msg = (
-                    f"{ckpt.path}: its ties differ from those of {first.path}; "
-                    "averaging them is ambiguous."
-                )
-                raise CheckpointMismatchError(msg)
+            check_same_inputs(first, ckpt, "average", saved.ties)
         specs = [Spec(key, info.torch_dtype, info.shape) for key, info in first.tensors.items()]
         total = sum(spec.nbytes for spec in specs)
         done = [0]
 
         maps = [map_checkpoint(ckpt) for ckpt in ckpts]
-        accs = _Staging()
-        outs = _Staging()
+        accs = Staging()
+        outs = Staging()
 
         def fill(batch: Sequence[Spec]) -> list[Tensor]:
             # Staging is reused from batch to batch (fresh pages cost more to fault in than
@@ -139,7 +133,45 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float64, torch.complex64) else torch.float32
 
 
-def _check_same(first: Checkpoint, other: Checkpoint) -> None:
+_GERUND = {"average": "averaging", "interpolate": "interpolating"}
+
+
+def check_same_inputs(
+    first: Checkpoint,
+    other: Checkpoint,
+    verb: str = "average",
+    ties: Mapping[str, tuple[str, str | None]] | None = None,
+) -> None:
+    """`other` holds the keys, shapes, dtypes and ties of `first` (file merges need all four).
+
+    `verb` words the message ("average", "interpolate"); `ties` are `first`'s, if read already.
+    A `CheckpointMismatchError` names the first difference and the fix.
+
+    >>> import os, tempfile, torch
+    >>> import torch_modelstate as tms
+    >>> from torch_modelstate.checkpoint._files import open_checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> a, b = os.path.join(d, "a.safetensors"), os.path.join(d, "b.safetensors")
+    >>> tms.save({"w": torch.zeros(2)}, a)
+    >>> tms.save({"w": torch.zeros(3)}, b)
+    >>> with open_checkpoint(a) as x, open_checkpoint(b) as y:
+    ...     check_same_inputs(x, y)
+    Traceback (most recent call last):
+    ...
+    torch_modelstate._errors.CheckpointMismatchError: ...`w` differs from ...
+    """
+    _check_tensors(first, other, verb)
+    mine = read_entry(first).ties if ties is None else ties
+    if read_entry(other).ties != mine:
+        msg = (
+            f"{other.path}: its ties differ from those of {first.path}; "
+            f"{_GERUND.get(verb, verb)} them is ambiguous.\n"
+            f"  fix: {verb} checkpoints saved with the same ties"
+        )
+        raise CheckpointMismatchError(msg)
+
+
+def _check_tensors(first: Checkpoint, other: Checkpoint, verb: str) -> None:
     if list(other.tensors) != list(first.tensors) and set(other.tensors) != set(first.tensors):
         absent = [k for k in first.tensors if k not in other.tensors]
         extra = [k for k in other.tensors if k not in first.tensors]
@@ -147,7 +179,7 @@ def _check_same(first: Checkpoint, other: Checkpoint) -> None:
             f"{other.path}: its keys differ from those of {first.path}.\n"
             + (f"  missing: {some(absent)}\n" if absent else "")
             + (f"  extra: {some(extra)}\n" if extra else "")
-            + "  fix: average checkpoints of one architecture"
+            + f"  fix: {verb} checkpoints of one architecture"
         )
         raise CheckpointMismatchError(msg.rstrip("\n"))
     for key, info in first.tensors.items():
@@ -164,8 +196,15 @@ def _check_same(first: Checkpoint, other: Checkpoint) -> None:
 _SLICE = 1 << 24  # elements summed per kernel call (few calls: each one is a parallel region)
 
 
-class _Staging:
-    """One flat buffer reused for every batch, grown when a batch needs more."""
+class Staging:
+    """One flat buffer reused for every batch, grown when a batch needs more.
+
+    >>> staging = Staging()
+    >>> (a,) = staging.take([(torch.float32, (4,))])
+    >>> (b,) = staging.take([(torch.float32, (2,))])
+    >>> a.data_ptr() == b.data_ptr()
+    True
+    """
 
     def __init__(self) -> None:
         self._buffer = torch.empty(0, dtype=torch.uint8)
