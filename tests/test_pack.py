@@ -115,3 +115,18 @@ def test_pack_refuses_meta_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="pack"):
         ModelState.new(model).pack()
     assert model.weight is weight and model.weight.is_meta
+
+
+def test_packed_merge_runs_one_op_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EMA merge between a packed state and its packed clone uses no per-tensor foreach op."""
+    ms = ModelState.new(_model()).pack()
+    ema = ms.clone()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("per-tensor path taken")
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", refuse)
+    monkeypatch.setattr(torch, "_foreach_copy_", refuse)
+    ema.merge(ms, merges.ema(0.5))
+    ema.update(ms)
+    assert all(torch.equal(ema[k], v) for k, v in ms.to_dict().items())
