@@ -130,3 +130,12 @@ def test_packed_merge_runs_one_op_per_group(monkeypatch: pytest.MonkeyPatch) -> 
     ema.merge(ms, merges.ema(0.5))
     ema.update(ms)
     assert all(torch.equal(ema[k], v) for k, v in ms.to_dict().items())
+
+
+def test_swap_within_one_packed_buffer_reads_before_writing() -> None:
+    """Values that alias other destinations in the same flat buffer are read first (a swap)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ms = ModelState.new(model).pack()
+    a, b = ms["0.weight"].clone(), ms["1.weight"].clone()
+    ms.update({"0.weight": ms["1.weight"], "1.weight": ms["0.weight"]})
+    assert torch.equal(ms["0.weight"], b) and torch.equal(ms["1.weight"], a)
