@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import subprocess
@@ -158,3 +159,18 @@ def test_demo_unusable_out_is_a_usage_error(
     assert cli.main(["demo", "--out", str(blocker / "sub")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "--out" in captured.err
+
+
+def test_cli_has_no_function_level_imports(capsys: pytest.CaptureFixture[str]) -> None:
+    """cli.py imports at module top (no cycle to dodge); --version prints tms.__version__."""
+    tree = ast.parse((ROOT / "torch_modelstate" / "cli.py").read_text())
+    inner = [
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and any(isinstance(n, ast.Import | ast.ImportFrom) for n in ast.walk(node))
+    ]
+    assert inner == []
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.split() == ["torch-modelstate", tms.__version__]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch_modelstate as tms
 from torch_modelstate import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,10 @@ def test_demo_rejects_steps_below_one() -> None:
     """`demo.main(steps=0)` is a ValueError naming `steps`, before any training."""
     with pytest.raises(ValueError, match="`steps` must be a positive integer, got 0"):
         demo.main(steps=0)
+
+
+def test_demo_prints_sizes_with_the_librarys_format_bytes() -> None:
+    """No second bytes formatter in the demo: it uses tms.format_bytes (which has GB)."""
+    assert tms.format_bytes(3 * 10**9) == "3.00 GB"
+    for file in sorted((ROOT / "torch_modelstate" / "demo").glob("*.py")):
+        assert '"KB"' not in file.read_text() and " KB" not in file.read_text(), file.name

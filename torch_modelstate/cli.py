@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from torch_modelstate import demo
+from torch_modelstate import __version__, demo
 from torch_modelstate._cli_paths import UsageError, check_merge_output, check_weights
 from torch_modelstate._cli_render import render_inspect, render_tensors
 from torch_modelstate._describe import describe
@@ -103,7 +103,7 @@ def _parser() -> _Parser:
         epilog=_TOP_EPILOG,
         formatter_class=raw,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     inspect = commands.add_parser(
@@ -201,12 +201,6 @@ def _parser() -> _Parser:
         "--seed", type=int, default=0, metavar="N", help="random seed, one run per seed (default 0)"
     )
     return parser
-
-
-def _version() -> str:
-    from torch_modelstate import __version__
-
-    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,12 +63,12 @@ def run(steps: int, seed: int, out_dir: str) -> Report:
     say("torch-modelstate demo: a tiny language model, tied, frozen, averaged, saved, reloaded")
     say()
     say(
-        f"Text: {len(stories_text) / 1000:.0f} KB of short stories (some followed by a question "
-        f"and its answer)"
+        f"Text: {tms.format_bytes(len(stories_text.encode()))} of short stories "
+        f"(some followed by a question and its answer)"
     )
     say(
-        f"  and {len(dialogue_text) / 1000:.0f} KB of questions and answers, from two tiny "
-        f"grammars (seed {seed}); {len(vocab)} characters"
+        f"  and {tms.format_bytes(len(dialogue_text.encode()))} of questions and answers, "
+        f"from two tiny grammars (seed {seed}); {len(vocab)} characters"
     )
     say(
         f"Model: a character-level transformer, {BLOCKS} blocks of width {WIDTH}, "

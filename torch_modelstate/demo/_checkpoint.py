@@ -19,11 +19,6 @@ __all__ = ["CHECKPOINT", "checkpoint"]
 CHECKPOINT = "demo.safetensors"
 
 
-def _size(n: int) -> str:
-    """Bytes in decimal units, as the library's summary shows them."""
-    return f"{n} B" if n < 1000 else f"{n / 1000:.2f} KB" if n < 10**6 else f"{n / 1e6:.2f} MB"
-
-
 def checkpoint(job: Job, out_dir: str) -> None:
     """Phase 3: save, load into a freshly built model, and compare the two."""
     ms, report = job.ms, job.report
@@ -53,8 +48,8 @@ def checkpoint(job: Job, out_dir: str) -> None:
     say('  >>> tms.load(path, into=fresh, frozen="file").ties()')
     say(f"  {tms.ModelState.new(fresh).ties()}")
     say(
-        f"  {_size(report.checkpoint_bytes)} on disk: {_size(tensor_bytes)} of "
-        f"tensors, the tied weight once, and a header"
+        f"  {tms.format_bytes(report.checkpoint_bytes)} on disk: "
+        f"{tms.format_bytes(tensor_bytes)} of tensors, the tied weight once, and a header"
     )
     say(
         f"  with the keys, the ties and the frozen set; saved in {save_ms:.0f} ms, "
