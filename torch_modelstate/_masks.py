@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeAlias, Union
 
-from torch_modelstate._errors import KeyNotFoundError
+from torch_modelstate._globs import glob_to_regex, no_match_error
 
 __all__ = ["Aliases", "Mask", "MaskLike", "all_of", "any_of", "compile_mask", "not_"]
 
@@ -82,14 +82,7 @@ class Mask:
         missing = self.unmatched(keys)
         if not missing:
             return
-        text = missing[0]
-        msg = (
-            f"{verb}: the mask {text!r} matches no key of the model; every key or glob "
-            f"in a strict mask must match at least one key.{did_you_mean(text)}\n"
-            "  fix: correct the key or glob, or pass strict=False to allow strings that "
-            "match nothing"
-        )
-        raise KeyNotFoundError(msg)
+        raise no_match_error(verb, missing[0], did_you_mean(missing[0]))
 
     def _one(self, key: str, path: tuple[str, ...]) -> bool:
         raise NotImplementedError
@@ -162,7 +155,7 @@ class _Regex(Mask):
             self._parts: list[str] = []
             return
         self._sources = sources
-        self._parts = [_glob_to_regex(s) for s in sources]
+        self._parts = [glob_to_regex(s) for s in sources]
         parts = self._parts
         self._pattern = re.compile(parts[0] if len(parts) == 1 else "|".join(parts))
 
@@ -407,39 +400,3 @@ def _subset(aliases: Aliases | None, rest: list[int]) -> Aliases | None:
 
 def _name(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-def _glob_to_regex(glob: str) -> str:
-    """Translate a key glob: ``*``/``?`` stay in one segment, ``**`` spans whole segments."""
-    if not glob:
-        msg = "A glob mask must not be empty.\n  fix: use None to select every leaf"
-        raise ValueError(msg)
-    segments = glob.split(".")
-    # `**.**` means the same as `**`; collapsing keeps the translation below simple.
-    segments = [
-        s for i, s in enumerate(segments) if not (s == "**" and i and segments[i - 1] == "**")
-    ]
-    out = ""
-    for i, segment in enumerate(segments):
-        if segment == "**":
-            if len(segments) == 1:
-                return r"[^.]+(?:\.[^.]+)*"
-            # Zero or more whole segments, with the dots that join them.
-            out += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
-            continue
-        if not segment:
-            msg = f"Glob {glob!r} has an empty segment.\n  fix: separate segments by single dots"
-            raise ValueError(msg)
-        if "**" in segment:
-            msg = (
-                f"Glob {glob!r}: `**` must be a whole segment, as in 'blocks.**.bias'.\n"
-                f"  got: the segment {segment!r}\n"
-                "  fix: use `*` to match within a segment"
-            )
-            raise ValueError(msg)
-        if i > 0 and not (i == 1 and segments[0] == "**"):
-            out += r"\."
-        out += "".join(
-            "[^.]*" if ch == "*" else "[^.]" if ch == "?" else re.escape(ch) for ch in segment
-        )
-    return out
