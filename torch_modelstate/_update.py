@@ -194,10 +194,17 @@ def plan_merge(
     raises and none writes."""
     model = list(map(_TENSOR, index.leaves))
     with _distributed.agreement(model) if _distributed.any_dtensor(model) else nullcontext():
-        return _plan_merge(index, other, fun, module)
+        return _plan_merge(index, other, fun, module, model)
 
 
-def _plan_merge(index: Index, other: Index, fun: MergeFn | Merge, module: nn.Module | None) -> Plan:
+def _plan_merge(
+    index: Index,
+    other: Index,
+    fun: MergeFn | Merge,
+    module: nn.Module | None,
+    model: list[Tensor],
+) -> Plan:
+    """`model`: the tensors of ``index.leaves``, in order (one pass, shared with the caller)."""
     _distributed.check_sharded(module, "merge")
     found = list(map(other.by_key.get, index.keys))
     if None in found or other.ties:
@@ -210,7 +217,7 @@ def _plan_merge(index: Index, other: Index, fun: MergeFn | Merge, module: nn.Mod
         leaves = index.leaves
         rhs = list(map(_TENSOR, found))
     keys = [leaf.key for leaf in leaves] if leaves is not index.leaves else index.keys
-    lhs: list[Tensor] = list(map(_TENSOR, leaves))
+    lhs: list[Tensor] = model if leaves is index.leaves else list(map(_TENSOR, leaves))
     dtypes = check_destinations("merge", keys, lhs)
     if isinstance(fun, Merge):
         check_values("merge", keys, rhs, lhs, side="rhs", target_dtypes=dtypes)
