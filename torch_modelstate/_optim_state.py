@@ -8,6 +8,10 @@ and parameter keys, each parameter's shape and dtype, and the state that is not 
 (``step`` as a Python number, ``momentum_buffer: None``). Loading maps keys back to the
 positions of the optimizer at hand, checks everything against it first, and then hands a
 position-numbered state dict to ``optimizer.load_state_dict`` (torch's own casting rules).
+
+Over FSDP2 (DTensor) parameters both are collective, through `checkpoint._collective` as the
+model's `save`/`load`: checks under `_distributed.agreement`, rank 0 writes one plain file,
+and each rank reads only its shard of each state tensor into a DTensor.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from torch_modelstate import _distributed, _kernels
 from torch_modelstate._errors import CheckpointCorruptError, CheckpointMismatchError
 from torch_modelstate._state import ModelState
-from torch_modelstate.checkpoint import _budget
+from torch_modelstate.checkpoint import _budget, _collective
 from torch_modelstate.checkpoint._codec import CODE, Spec, TensorInfo
-from torch_modelstate.checkpoint._files import open_checkpoint
+from torch_modelstate.checkpoint._files import Checkpoint, open_checkpoint
 from torch_modelstate.checkpoint._writer import write_checkpoint
 
 __all__ = ["load_optimizer", "save_optimizer"]
@@ -57,15 +62,15 @@ def _named_params(
                 raise ValueError(msg)
             named.append((key, p))
         groups.append(named)
-    if _distributed.any_dtensor(p for named in groups for _, p in named):
-        msg = (
-            f"{verb}: the optimizer trains sharded (DTensor / FSDP2) parameters; storing sharded "
-            "optimizer state in one safetensors file is not supported yet.\n"
-            "  fix: use torch.distributed.checkpoint, e.g. dcp.save({'optim': "
-            "get_optimizer_state_dict(model, opt)}, checkpoint_id=...)"
-        )
-        raise TypeError(msg)
     return groups
+
+
+def _all_params(optimizer: object) -> list[Tensor]:
+    """Every tensor the optimizer trains (none if it is no optimizer): what decides whether
+    saving and loading are collective (FSDP2 parameters are DTensors)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return []
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -102,7 +107,29 @@ def save_optimizer(
     >>> sorted(tms.load(path).to_dict())[:3]
     ['bias.exp_avg', 'bias.exp_avg_sq', 'bias.step']
     """
-    ms = ModelState.new(state_or_module)
+    trained = _all_params(optimizer)
+    # FSDP2: every rank calls; the checks are collective (one error on every rank, nothing
+    # written), then rank 0 writes one plain file, gathering one sharded tensor at a time.
+    with _distributed.agreement(trained):
+        tensors, metadata = _collect(optimizer, ModelState.new(state_or_module))
+    specs = [Spec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    group = _distributed.dtensor_group(trained)
+    if group is not None:
+        _collective.save(path, specs, metadata, tensors, max_shard_size=None, group=group)
+        return
+
+    def fill(batch: Sequence[Spec]) -> list[Tensor]:
+        out = [torch.empty(s.shape, dtype=s.dtype) for s in batch]
+        _kernels.copy_(out, [tensors[s.key] for s in batch])
+        return out
+
+    write_checkpoint(path, specs, metadata, fill, max_shard_size=None, budget=_budget.BUDGET)
+
+
+def _collect(
+    optimizer: torch.optim.Optimizer, ms: ModelState
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors to store (by file key; DTensors as they are) and the file's metadata."""
     groups = _named_params(optimizer, ms, "save_optimizer")
     tensors: dict[str, Tensor] = {}
     entry_groups: list[dict[str, Any]] = []
@@ -154,15 +181,7 @@ def save_optimizer(
         "params": params,
         "state": entry_state,
     }
-    metadata = {"format": "pt", ENTRY: json.dumps(entry, separators=(",", ":"))}
-    specs = [Spec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-
-    def fill(batch: Sequence[Spec]) -> list[Tensor]:
-        out = [torch.empty(s.shape, dtype=s.dtype) for s in batch]
-        _kernels.copy_(out, [tensors[s.key] for s in batch])
-        return out
-
-    write_checkpoint(path, specs, metadata, fill, max_shard_size=None, budget=_budget.BUDGET)
+    return tensors, {"format": "pt", ENTRY: json.dumps(entry, separators=(",", ":"))}
 
 
 def _corrupt(path: object, problem: str) -> CheckpointCorruptError:
@@ -252,12 +271,14 @@ def load_optimizer(
     >>> fresh.param_groups[0]["lr"], len(fresh.state)
     (0.1, 2)
     """
-    ms = ModelState.new(state_or_module)
-    groups = _named_params(optimizer, ms, "load_optimizer")
+    trained = _all_params(optimizer)
     with open_checkpoint(path) as ckpt:
-        entry = _parse(ckpt.path, ckpt.metadata.get(ENTRY), ckpt.tensors)
-        _check_against(ckpt.path, entry, optimizer, groups, ckpt.tensors)
-        values = {key: ckpt.read(info) for key, info in ckpt.tensors.items()}
+        # FSDP2: every rank calls; if a check fails on one rank, every rank raises it (dist)
+        with _distributed.agreement(trained):
+            groups = _named_params(optimizer, ModelState.new(state_or_module), "load_optimizer")
+            entry = _parse(ckpt.path, ckpt.metadata.get(ENTRY), ckpt.tensors)
+            _check_against(ckpt.path, entry, optimizer, groups, ckpt.tensors)
+        values = _read(ckpt, entry, optimizer, groups)
     position: dict[str, int] = {}
     for named in groups:
         for key, _ in named:
@@ -277,6 +298,39 @@ def load_optimizer(
             group["param_names"] = current["param_names"]
         param_groups.append(group)
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _read(
+    ckpt: Checkpoint,
+    entry: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    groups: list[list[tuple[str, Tensor]]],
+) -> dict[str, Tensor]:
+    """Every stored tensor; a state tensor of a sharded parameter's shape becomes a DTensor
+    laid out like the optimizer's current one (else like the parameter), of which this rank
+    reads only its shard's bytes."""
+    by_key = {key: p for named in groups for key, p in named}
+    sharded: list[tuple[TensorInfo, DTensor]] = []
+    for key, record in entry["state"].items():
+        p = by_key[key]
+        if not isinstance(p, DTensor):
+            continue
+        current = optimizer.state.get(p, {})
+        for name, r in record.items():
+            info = ckpt.tensors.get(r.get("tensor", ""))
+            if info is None or info.shape != tuple(p.shape):
+                continue
+            like = current.get(name)
+            like = like if isinstance(like, DTensor) and like.shape == p.shape else p
+            dst = torch.empty_like(like, dtype=info.torch_dtype)
+            assert isinstance(dst, DTensor)  # empty_like keeps the mesh and the placements
+            sharded.append((info, dst))
+    _collective.read_sharded(ckpt, sharded)
+    values: dict[str, Tensor] = {info.key: dst for info, dst in sharded}
+    for key, info in ckpt.tensors.items():
+        if key not in values:
+            values[key] = ckpt.read(info)
+    return values
 
 
 def _value(record: dict[str, Any], values: Mapping[str, Tensor]) -> Any:

@@ -61,9 +61,15 @@ def save(
     tensors: Mapping[str, Tensor],
     *,
     max_shard_size: int | None,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
-    """Write `tensors` (by spec key; DTensors gathered one at a time) from rank 0."""
-    group = _distributed.dtensor_group(tensors.values())
+    """Write `tensors` (by spec key; DTensors gathered one at a time) from rank 0.
+
+    `group` is the ranks taking part; by default the group of the first DTensor of `tensors`
+    (given when they may hold none, as the state of an optimizer that has not stepped yet).
+    """
+    if group is None:
+        group = _distributed.dtensor_group(tensors.values())
     assert group is not None
     root = dist.get_global_rank(group, 0)
     if dist.get_rank(group) != 0:
