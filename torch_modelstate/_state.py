@@ -14,6 +14,8 @@ from torch_modelstate._groups import Rules
 from torch_modelstate._index import Index, Leaf, Tie, current_index, forget, index_entries, unwrap
 from torch_modelstate._masks import MaskLike, compile_mask
 from torch_modelstate._paths import to_flat, to_key
+from torch_modelstate._summary import format_bytes as format_bytes  # re-exported
+from torch_modelstate._summary import refuse_constructor_arguments, summary
 from torch_modelstate.merges import Merge
 
 __all__ = ["ModelState"]
@@ -62,7 +64,7 @@ class ModelState:
     def __init__(self, *args: object, **kwargs: object) -> None:
         # Use `ModelState.new` or `ModelState.empty`; this makes an empty standalone state.
         if args or kwargs:
-            _refuse_constructor_arguments(args, kwargs)
+            refuse_constructor_arguments(args, kwargs)
         self._module: nn.Module | None = None
         self._entries: dict[str, Tensor | Tie] = {}
         self._state_keys: set[str] = set()
@@ -740,40 +742,7 @@ class ModelState:
                 bucket = params if leaf.is_param else state
                 bucket[0] += n
                 bucket[1] += size
-        return (
-            "ModelState<\n"
-            f"  Parameters: {total[0]} ({format_bytes(total[1])})\n"
-            f"  Trainable Parameters: {params[0]} ({format_bytes(params[1])})\n"
-            f"  Trainable State: {state[0]} ({format_bytes(state[1])})\n"
-            ">"
-        )
-
-
-def _refuse_constructor_arguments(args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-    given = type(args[0]).__name__ if args else ", ".join(f"{k}=" for k in kwargs)
-    msg = (
-        "`ModelState(...)` takes no arguments: build a ModelState with `ModelState.new`.\n"
-        f"  got: ModelState({given})\n"
-        "  fix: `ModelState.new(model)` for a live view of an nn.Module (or of a dict of "
-        "tensors); `ModelState.empty()` for an empty one"
-    )
-    raise TypeError(msg)
-
-
-def format_bytes(n: int) -> str:
-    """Decimal units with two decimals: ``4840 -> '4.84 KB'``.
-
-    >>> format_bytes(999), format_bytes(4840), format_bytes(3 * 10**15)
-    ('999 B', '4.84 KB', '3000.00 TB')
-    """
-    if n < 1000:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KB", "MB", "GB", "TB"):
-        value /= 1000
-        if round(value, 2) < 1000 or unit == "TB":
-            return f"{value:.2f} {unit}"
-    raise AssertionError  # unreachable
+        return summary(total, params, state)
 
 
 def _as_values(obj: Values) -> Mapping[str, Any] | Index:

@@ -26,7 +26,7 @@ from torch_modelstate._cli_render import render_inspect, render_tensors
 from torch_modelstate._describe import describe
 from torch_modelstate._progress import ProgressBar
 from torch_modelstate._slerp_files import slerp_files
-from torch_modelstate._state import format_bytes
+from torch_modelstate._summary import format_bytes
 from torch_modelstate.checkpoint._average import average
 from torch_modelstate.checkpoint._layout import parse_size
 
