@@ -39,6 +39,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch_modelstate import _distributed, _kernels
 from torch_modelstate.checkpoint._codec import ITEMSIZE, Spec, TensorInfo, is_plain_cpu
 from torch_modelstate.checkpoint._files import Checkpoint
+from torch_modelstate.checkpoint._writable import direct as is_direct
 from torch_modelstate.checkpoint._writer import data_order, write_checkpoint
 
 __all__ = ["is_collective", "read_sharded", "save", "split_sharded"]
@@ -182,7 +183,7 @@ def read_sharded(ckpt: Checkpoint, writes: Sequence[tuple[TensorInfo, DTensor]])
             dst.shape, dst.device_mesh, dst.placements
         )
         pieces = _pieces(info, tuple(dst.shape), tuple(shape), tuple(offset))
-        if is_plain_cpu(local) and local.dtype == info.torch_dtype:
+        if is_direct(info, local):
             direct += _into(pieces, local)
             touched.append(local)
             continue
