@@ -21,6 +21,11 @@ import torch
 
 import torch_modelstate as tms
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
 Layout = str | int  # "dir" (model.safetensors) or a number of shards
 
 LAYOUT_PAIRS = [(3, 6), (6, 3), (3, 3), ("dir", 3), (3, "dir")]
@@ -155,19 +160,38 @@ class Gate:
         raise AssertionError(f"{name} neither paused nor finished")
 
 
-def blocked_on_a_lock_or_done(gate: Gate, name: str, root: Path) -> None:
-    """Wait until `name` waits for a lock on a file in `root` (/proc/locks) or finishes."""
+def watch_lock_waits(monkeypatch: pytest.MonkeyPatch) -> dict[str, threading.Event]:
+    """Events set when a named thread is about to wait for a writer lock another one holds.
+
+    Each blocking ``fcntl.flock`` first tries without blocking; when that fails the lock is
+    held (by the paused writer), so the caller's event is set before it blocks. No polling:
+    the event says the thread has opened the lock file under the holder's name and goes on
+    to wait on it.
+    """
+    waiting: dict[str, threading.Event] = {}
+    original = fcntl.flock
+
+    def flock(fd: Any, operation: int) -> None:
+        event = waiting.get(threading.current_thread().name)
+        if event is not None and operation == fcntl.LOCK_EX:
+            try:
+                original(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                event.set()
+            else:
+                return
+        original(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    return waiting
+
+
+def blocked_on_a_lock_or_done(gate: Gate, waiting: threading.Event, name: str) -> None:
+    """Wait until `name` waits for the writer lock (`waiting` is set) or finishes."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if gate.done[name].is_set():
-            return
-        inodes = {os.stat(p).st_ino for p in root.glob(".*.lock")} if root.exists() else set()
-        with open("/proc/locks") as f:
-            waiting = {int(line.split()[6].split(":")[2]) for line in f if "->" in line}
-        if inodes & waiting:
-            return
-        time.sleep(0.001)
-    raise AssertionError(f"{name} neither blocked nor finished")
+    while not (waiting.wait(0.001) or gate.done[name].is_set()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} neither blocked nor finished")
 
 
 def steps_of(fn: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> int:
@@ -185,12 +209,7 @@ def interleavings(n: int) -> Iterator[int]:
     return iter(range(1, n + 1))
 
 
-needs_proc_locks = pytest.mark.skipif(
-    not os.path.exists("/proc/locks"), reason="reads /proc/locks to see a blocked writer"
-)
-
-
-@needs_proc_locks
+@pytest.mark.skipif(fcntl is None, reason="writers are serialised by fcntl.flock (POSIX)")
 @pytest.mark.parametrize(("first", "second"), LAYOUT_PAIRS)
 def test_two_writers_end_in_one_whole_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: Layout, second: Layout
@@ -198,10 +217,13 @@ def test_two_writers_end_in_one_whole_checkpoint(
     """Writer A paused before each of its steps while writer B saves: one whole checkpoint."""
     n = steps_of(lambda: save(tmp_path / "count", first, 1), monkeypatch)
     outcomes = []
+    blocked = 0
     for k in interleavings(n):
         root = tmp_path / str(k)
         save(root, 3, 0)
         gate = Gate(monkeypatch)
+        waiting = watch_lock_waits(monkeypatch)
+        waiting["B"] = threading.Event()
         count = [0]
 
         def at_k(op: str, name: str, count: list[int] = count, k: int = k) -> bool:
@@ -211,7 +233,8 @@ def test_two_writers_end_in_one_whole_checkpoint(
         a = gate.start("A", lambda r=root: save(r, first, 1), at_k)
         paused = gate.wait_paused_or_done("A")
         b = gate.start("B", lambda r=root: save(r, second, 2), lambda op, name: False)
-        blocked_on_a_lock_or_done(gate, "B", root)
+        blocked_on_a_lock_or_done(gate, waiting["B"], "B")
+        blocked += waiting["B"].is_set()
         gate.resume["A"].set()
         a.join(30)
         b.join(30)
@@ -221,6 +244,7 @@ def test_two_writers_end_in_one_whole_checkpoint(
         monkeypatch.undo()
     bad = [o for o in outcomes if o[2] not in ("1", "2")]
     assert not bad, f"pause points of A where the result is not one writer's checkpoint: {bad}"
+    assert blocked, "B never waited for A's lock: the interleavings did not exercise the lock"
 
 
 @pytest.mark.parametrize(("old", "new"), LAYOUT_PAIRS)
