@@ -39,9 +39,10 @@ def _public_names() -> list[tuple[str, object]]:
         found[f"torch_modelstate.{name}"] = obj
         if isinstance(obj, types.ModuleType):
             found.update(_public_of_module(obj))
-    for name, attr in vars(ModelState).items():
-        if not name.startswith("_"):
-            found[f"ModelState.{name}"] = attr
+    for klass in reversed(ModelState.__mro__[:-1]):  # its mixins' methods too, minus object's
+        for name, attr in vars(klass).items():
+            if not name.startswith("_"):
+                found[f"ModelState.{name}"] = attr
     return [(k, v) for k, v in found.items() if _is_documentable(v)]
 
 
@@ -63,6 +64,8 @@ def test_the_public_surface_is_found() -> None:
         "torch_modelstate.load",
         "ModelState.freeze",
         "ModelState.merge",
+        "ModelState.parameters",
+        "ModelState.tie",
         "torch_modelstate.merges.lerp",
     ):
         assert expected in names

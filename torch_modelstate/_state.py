@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _frozen, _groups, _kernels, _pack, _tied_module, _ties, _update
+from torch_modelstate import _kernels, _pack, _update
 from torch_modelstate._errors import KeyNotFoundError
-from torch_modelstate._groups import Rules
-from torch_modelstate._index import Index, Leaf, Tie, current_index, forget, index_entries, unwrap
-from torch_modelstate._masks import MaskLike, compile_mask
+from torch_modelstate._freezing import Freezing
+from torch_modelstate._index import Index, Tie, current_index, forget, index_entries, unwrap
 from torch_modelstate._paths import to_flat, to_key
 from torch_modelstate._summary import format_bytes as format_bytes  # re-exported
-from torch_modelstate._summary import refuse_constructor_arguments, summary
+from torch_modelstate._summary import refuse_constructor_arguments
+from torch_modelstate._tying import Tying
+from torch_modelstate._views import StateViews
 from torch_modelstate.merges import Merge
 
 __all__ = ["ModelState"]
 
 Values: TypeAlias = "Mapping[str, Any] | ModelState"
 MergeFn: TypeAlias = "Callable[[list[str], Tensor, Tensor], Tensor] | Merge"
-KeyLike: TypeAlias = "str | Sequence[str]"
 
 
-class ModelState:
+# Here: construction, the index, clone/pack, update/merge, load_state_dict. The read-only
+# views are in `_views`, freezing in `_freezing`, ties in `_tying` (mixins, no state).
+class ModelState(Freezing, Tying, StateViews):
     """A model's parameters and state (persistent buffers), addressed by key.
 
     Over an ``nn.Module`` it is a *live view*: accessors return the module's own tensors,
@@ -222,41 +224,6 @@ class ModelState:
         _pack.pack([leaf.tensor for leaf in self._idx().leaves])
         return self
 
-    def param_groups(
-        self, rules: Rules | None = None, *, strict: bool = True, **defaults: Any
-    ) -> list[dict[str, Any]]:
-        """Param groups for a ``torch.optim`` optimizer, chosen by mask.
-
-        `rules` maps masks to option dicts (a dict, or a list of ``(mask, options)`` pairs);
-        the first rule whose mask selects a parameter decides its group, and the rest go
-        into a last group with `defaults`, which also fill in options a rule leaves out.
-        Only trainable parameters are grouped, each tied tensor once; groups follow rule
-        order, empty groups are left out, and each carries ``"param_names"`` (its keys).
-        A string in a mask that matches no key is a `KeyError` unless ``strict=False``.
-
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-        >>> groups = ModelState.new(model).param_groups({"**.bias": {"weight_decay": 0.0}})
-        >>> [(g["param_names"], g.get("weight_decay")) for g in groups]
-        [(['0.bias', '1.bias', '2.bias'], 0.0), (['0.weight', '1.weight', '2.weight'], None)]
-        >>> opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
-        """
-        index = self._idx()
-        trainable = [leaf.is_param and not self._is_frozen(leaf) for leaf in index.leaves]
-        return _groups.build(
-            index.keys,
-            index.paths,
-            _tie_aliases(index),
-            [leaf.tensor for leaf in index.leaves],
-            trainable,
-            rules,
-            defaults,
-            strict=strict,
-            every_key=index.order,
-            did_you_mean=index.did_you_mean,
-        )
-
     # ----------------------------------------------------------------- the index
 
     def _idx(self) -> Index:
@@ -275,236 +242,6 @@ class ModelState:
         self._index = None
         if self._module is not None:
             forget(self._module)
-
-    def _is_frozen(self, leaf: Leaf) -> bool:
-        if leaf.owner is None:
-            return leaf.key in self._frozen
-        if leaf.is_param:
-            return not leaf.tensor.requires_grad
-        return leaf.name in _frozen.frozen_buffers(leaf.owner)
-
-    def _frozen_keys(self, index: Index) -> set[str]:
-        return {leaf.key for leaf in index.leaves if self._is_frozen(leaf)}
-
-    # ----------------------------------------------------------------- accessors
-
-    def _select(self, params: bool | None, frozen: bool | None) -> dict[str, Tensor]:
-        index = self._idx()
-        out: dict[str, Tensor] = {}
-        for leaf in index.leaves:
-            if params is not None and leaf.is_param is not params:
-                continue
-            if frozen is not None and self._is_frozen(leaf) is not frozen:
-                continue
-            out[leaf.key] = leaf.tensor
-        return out
-
-    def parameters(self) -> dict[str, Tensor]:
-        """Every parameter by key, in module order; tie destinations left out.
-
-        >>> from torch import nn
-        >>> list(ModelState.new(nn.Linear(2, 2)).parameters())
-        ['weight', 'bias']
-        """
-        return self._select(True, None)
-
-    def state(self) -> dict[str, Tensor]:
-        """Every persistent buffer (BatchNorm statistics, counters...) by key.
-
-        >>> from torch import nn
-        >>> list(ModelState.new(nn.BatchNorm1d(2)).state())
-        ['running_mean', 'running_var', 'num_batches_tracked']
-        """
-        return self._select(False, None)
-
-    def trainable_parameters(self) -> dict[str, Tensor]:
-        """Parameters that are not frozen: hand ``.values()`` to an optimizer.
-
-        >>> import torch
-        >>> from torch import nn
-        >>> ms = ModelState.new(nn.Linear(2, 2)).freeze("bias")
-        >>> optimizer = torch.optim.SGD(ms.trainable_parameters().values(), lr=0.1)
-        >>> list(ms.trainable_parameters())
-        ['weight']
-        """
-        return self._select(True, False)
-
-    def frozen_parameters(self) -> dict[str, Tensor]:
-        """Frozen parameters (``requires_grad=False`` for a module).
-
-        >>> from torch import nn
-        >>> layer = nn.Linear(2, 2)
-        >>> _ = layer.bias.requires_grad_(False)
-        >>> list(ModelState.new(layer).frozen_parameters())
-        ['bias']
-        """
-        return self._select(True, True)
-
-    def trainable_state(self) -> dict[str, Tensor]:
-        """State that forward passes may update.
-
-        >>> from torch import nn
-        >>> list(ModelState.new(nn.BatchNorm1d(2)).freeze("running_var").trainable_state())
-        ['running_mean', 'num_batches_tracked']
-        """
-        return self._select(False, False)
-
-    def frozen_state(self) -> dict[str, Tensor]:
-        """State that keeps its value through forward passes.
-
-        >>> from torch import nn
-        >>> list(ModelState.new(nn.BatchNorm1d(2)).freeze("running_*").frozen_state())
-        ['running_mean', 'running_var']
-        """
-        return self._select(False, True)
-
-    def to_dict(self) -> dict[str, Tensor]:
-        """Every key, like ``state_dict()``: tie destinations included and resolved.
-
-        An identity destination maps to its source's tensor; a transform destination to
-        the transform of the source, computed now (detached).
-
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.ModuleDict({"enc": nn.Linear(4, 2), "dec": nn.Linear(2, 4)})
-        >>> ms = ModelState.new(model).tie("dec.weight", "enc.weight", "transpose")
-        >>> out = ms.to_dict()
-        >>> list(out), torch.equal(out["dec.weight"], model["enc"].weight.t())
-        (['enc.weight', 'enc.bias', 'dec.weight', 'dec.bias'], True)
-        """
-        index = self._idx()
-        out: dict[str, Tensor] = {}
-        for key in index.order:
-            leaf = index.by_key.get(key)
-            if leaf is not None:
-                out[key] = leaf.tensor
-            else:
-                out[key] = index.computed(index.ties[key]).detach()
-        return out
-
-    def ties(self) -> dict[str, str]:
-        """``{destination: source}`` for every tie, made here or found in the module.
-
-        Two attributes holding one ``Parameter`` (Hugging Face's tied embeddings) are a tie
-        whose destination is the later key in module order.
-
-        >>> from torch import nn
-        >>> model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "head": nn.Linear(4, 10)})
-        >>> model["head"].weight = model["embed"].weight
-        >>> ModelState.new(model).ties()
-        {'head.weight': 'embed.weight'}
-        """
-        return {dest: tie.source for dest, tie in self._idx().ties.items()}
-
-    def transforms(self) -> dict[str, str | None]:
-        """``{destination: transform name}`` for transform ties (None: an unnamed callable).
-
-        >>> from torch import nn
-        >>> model = nn.ModuleDict({"enc": nn.Linear(4, 2), "dec": nn.Linear(2, 4)})
-        >>> ModelState.new(model).tie("dec.weight", "enc.weight", "transpose").transforms()
-        {'dec.weight': 'transpose'}
-        """
-        return {d: t.fn_name for d, t in self._idx().ties.items() if t.fn is not None}
-
-    # ----------------------------------------------------------------- freezing
-
-    def freeze(self, mask: MaskLike = None, *, strict: bool = True) -> ModelState:
-        """Freeze the leaves `mask` selects (all by default), adding to what is frozen.
-
-        A frozen parameter gets ``requires_grad=False``; a frozen buffer keeps its value
-        through forward passes (a frozen BatchNorm still normalises with batch statistics
-        in training, but its running statistics stay put). A key or glob that names a tie
-        destination freezes its source (one tensor). With `strict` (the default) each key
-        or glob in `mask` must match at least one key, tie destinations included: a typo
-        is a `KeyError` with a "did you mean"; ``strict=False`` lets strings match nothing.
-        The whole mask is checked and evaluated before anything changes.
-
-        >>> import torch
-        >>> from torch import nn
-        >>> ms = ModelState.new(nn.Linear(2, 2)).freeze("bias")
-        >>> list(ms.frozen_parameters())
-        ['bias']
-        >>> ms.freeze("bais")
-        Traceback (most recent call last):
-        ...
-        torch_modelstate._errors.KeyNotFoundError: freeze: the mask 'bais' matches no key...
-        """
-        self._apply_frozen(self._chosen(mask, strict, "freeze"), True)
-        return self
-
-    def unfreeze(
-        self,
-        mask: MaskLike = None,
-        *,
-        strict: bool = True,
-        optimizer: torch.optim.Optimizer | None = None,
-        **group_options: Any,
-    ) -> ModelState:
-        """Unfreeze the leaves `mask` selects (all by default); strict as `freeze`.
-
-        With `optimizer`, the selected parameters it does not hold yet (by identity) are
-        added to it as one new param group with `group_options` (gradual unfreezing);
-        nothing is added twice. The mask and the optimizer are checked before anything
-        changes.
-
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-        >>> ms = ModelState.new(model).freeze("0.**")
-        >>> opt = torch.optim.SGD(ms.trainable_parameters().values(), lr=0.1)
-        >>> _ = ms.unfreeze("0.**", optimizer=opt, lr=0.01)
-        >>> [len(group["params"]) for group in opt.param_groups], opt.param_groups[1]["lr"]
-        ([2, 2], 0.01)
-        """
-        chosen = self._chosen(mask, strict, "unfreeze")
-        if optimizer is not None:
-            _groups.check_optimizer(optimizer, group_options)
-        elif group_options:
-            names = ", ".join(sorted(group_options))
-            msg = (
-                "unfreeze: param-group options were given without an optimizer.\n"
-                f"  got: {names}\n"
-                "  fix: pass optimizer=... to add the unfrozen parameters to it, or drop them"
-            )
-            raise TypeError(msg)
-        self._apply_frozen(chosen, False)
-        if optimizer is not None:
-            params = {leaf.key: leaf.tensor for leaf in chosen if leaf.is_param}
-            _groups.add_param_group(optimizer, params, group_options)
-        return self
-
-    def _chosen(self, mask: MaskLike, strict: bool, verb: str) -> list[Leaf]:
-        """The leaves `mask` selects (a tie destination's key selects its source), after
-        the strict check; nothing is changed here."""
-        compiled = compile_mask(mask)
-        index = self._idx()
-        if strict:
-            compiled.check_strict(index.order, index.did_you_mean, verb)
-        hits = compiled.select(index.keys, index.paths, _tie_aliases(index))
-        return [leaf for leaf, hit in zip(index.leaves, hits, strict=True) if hit]
-
-    def _restore_frozen(self, frozen_keys: Iterable[str]) -> None:
-        """Make exactly `frozen_keys` frozen (keys of tie destinations are ignored)."""
-        index = self._idx()
-        wanted = set(frozen_keys)
-        self._apply_frozen([leaf for leaf in index.leaves if leaf.key in wanted], True)
-        self._apply_frozen([leaf for leaf in index.leaves if leaf.key not in wanted], False)
-
-    def _apply_frozen(self, chosen: list[Leaf], frozen: bool) -> None:
-        if self._module is None:
-            keys = (leaf.key for leaf in chosen)
-            if frozen:
-                self._frozen.update(keys)
-            else:
-                self._frozen.difference_update(keys)
-            return
-        _kernels.set_requires_grad([leaf.tensor for leaf in chosen if leaf.is_param], not frozen)
-        by_owner: dict[int, tuple[nn.Module, list[str]]] = {}
-        for leaf in chosen:
-            if not leaf.is_param and leaf.owner is not None:
-                by_owner.setdefault(id(leaf.owner), (leaf.owner, []))[1].append(leaf.name)
-        for owner, names in by_owner.values():
-            _frozen.set_frozen(owner, names, frozen)
 
     # ----------------------------------------------------------------- update
 
@@ -551,120 +288,7 @@ class ModelState:
         plan.apply()
         return self
 
-    # ----------------------------------------------------------------- ties
-
-    def tie(
-        self,
-        destination: KeyLike,
-        source: KeyLike,
-        transform: str | Callable[[Tensor], Tensor] | None = None,
-    ) -> ModelState:
-        """Tie `destination` to `source`: the same tensor, or ``transform(source)``.
-
-        Without a transform, the destination becomes the source's ``nn.Parameter`` object.
-        With one (a registered name such as ``"transpose"``, or a callable), the
-        destination is computed from the source on every use, holds no storage and passes
-        gradients to the source. Ties survive ``.to()``, ``copy.deepcopy``, optimizer steps
-        and checkpoints. Everything is checked before the model changes.
-
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.ModuleDict({"enc": nn.Linear(4, 2), "dec": nn.Linear(2, 4)})
-        >>> ms = ModelState.new(model).tie("dec.weight", "enc.weight", transform="transpose")
-        >>> ms.ties()
-        {'dec.weight': 'enc.weight'}
-        >>> bool((model["dec"].weight == model["enc"].weight.t()).all())
-        True
-        """
-        dest, src = to_key(destination), to_key(source)
-        fn, fn_name = _ties.resolve_transform(transform)
-        index = self._idx()
-        check = _ties.check_tie(index, dest, src, fn, fn_name)
-        check.raise_problem("tie")
-        if check.exists:
-            return self
-        dest_leaf, src_leaf = index.by_key[dest], index.by_key[check.root]
-        owner, src_owner = dest_leaf.owner, src_leaf.owner
-        if owner is not None and src_owner is not None:
-            if fn is None:
-                assert isinstance(src_leaf.tensor, nn.Parameter)  # checked: both parameters
-                _ties.mark_identity_dest(owner, dest_leaf.name, src_leaf.tensor)
-            else:
-                _tied_module.add_transform_tie(
-                    owner, dest_leaf.name, src_owner, src_leaf.name, fn, fn_name
-                )
-        else:
-            self._entries[dest] = Tie(dest, check.root, fn, fn_name, None, dest)
-            self._frozen.discard(dest)
-        self._changed()
-        return self
-
-    def untie(self, destination: KeyLike) -> ModelState:
-        """Give a tie destination its own copy of its current value (for a transform tie,
-        the materialised value); the model keeps working and the source is unchanged.
-
-        >>> from torch import nn
-        >>> model = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
-        >>> ms = ModelState.new(model).tie("b.weight", "a.weight").untie("b.weight")
-        >>> ms.ties(), model["b"].weight is model["a"].weight
-        ({}, False)
-        """
-        dest = to_key(destination)
-        if self._module is not None:
-            orphan = current_index(self._module).orphans.get(dest)
-            if orphan is not None:  # its source left the model: keep the value it has now
-                _tied_module.remove_transform_tie(*orphan)
-                self._changed()
-                return self
-        index = self._idx()
-        tie = index.ties.get(dest)
-        if tie is None:
-            if dest in index.by_key:
-                msg = (
-                    f"untie: `{dest}` is not a tie destination.\n"
-                    "  fix: `ties()` lists the destinations"
-                )
-                raise ValueError(msg)
-            msg = f"untie: unknown destination key `{dest}`.{index.did_you_mean(dest)}"
-            raise KeyNotFoundError(msg)
-        src_leaf = index.by_key[tie.source]
-        source = src_leaf.tensor
-        owner = tie.owner
-        if owner is not None and owner is src_leaf.owner and tie.name == src_leaf.name:
-            msg = (
-                f"untie: `{dest}` and `{tie.source}` are one attribute of one shared "
-                "submodule; they cannot be told apart.\n"
-                "  fix: replace the shared submodule by a copy (copy.deepcopy) instead"
-            )
-            raise ValueError(msg)
-        if owner is None:
-            with torch.no_grad():
-                value = source if tie.fn is None else tie.fn(source)
-                self._entries[dest] = value.detach().clone(memory_format=torch.contiguous_format)
-            if src_leaf.key in self._frozen:
-                self._frozen.add(dest)
-        elif tie.fn is not None:
-            _tied_module.remove_transform_tie(owner, tie.name)
-        else:
-            grad = bool(source.requires_grad)
-            _ties.unmark_identity_dest(owner, tie.name, source.detach().clone(), grad)
-        self._changed()
-        return self
-
-    # ----------------------------------------------------------------- DCP Stateful
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The live stored tensors by key (DTensors over a sharded model), each once:
-        tie destinations left out. With `load_state_dict` this makes a ModelState a
-        ``torch.distributed.checkpoint`` ``Stateful``, loaded in place (resharding included):
-        ``dcp.save({"model": ms}, checkpoint_id=path)``, then ``dcp.load({"model": ms}, ...)``.
-
-        >>> import torch
-        >>> ms = ModelState.new(torch.nn.Linear(2, 1))
-        >>> ms.state_dict()["weight"] is ms.module.weight
-        True
-        """
-        return {leaf.key: leaf.tensor for leaf in self._idx().leaves}
+    # ----------------------------------------------------------------- DCP Stateful (write side)
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Write `state_dict` (every key of `state_dict()`) in place, as `update` does:
@@ -696,70 +320,10 @@ class ModelState:
         if values:
             self.update(values)
 
-    # ----------------------------------------------------------------- mapping access
-
-    def __getitem__(self, key: KeyLike) -> Tensor:
-        """The live tensor under `key` (a key or a path); tie destinations resolved as in
-        `to_dict`: an identity destination is its source's tensor, a transform destination
-        is computed now (detached). An unknown key is a `KeyError` with a "did you mean"."""
-        name = key if isinstance(key, str) else to_key(key)
-        index = self._idx()
-        leaf = index.by_key.get(name)
-        if leaf is not None:
-            return leaf.tensor
-        tie = index.ties.get(name)
-        if tie is not None and tie.fn is not None:
-            return tie.fn(index.by_key[tie.source].tensor).detach()
-        msg = f"ModelState[{name!r}]: unknown key; the model has no such parameter or state."
-        raise KeyNotFoundError(msg + index.did_you_mean(name))
-
-    def __contains__(self, key: object) -> bool:
-        """Whether `key` is one of `to_dict`'s keys (tie destinations included)."""
-        index = self._idx()
-        return isinstance(key, str) and (key in index.by_key or key in index.ties)
-
-    def __len__(self) -> int:
-        """The number of keys in `to_dict` (tie destinations included)."""
-        return len(self._idx().order)
-
-    def __iter__(self) -> Iterator[str]:
-        """The keys in `to_dict` order (module order, tie destinations included)."""
-        return iter(list(self._idx().order))
-
-    # ----------------------------------------------------------------- repr
-
-    def __repr__(self) -> str:
-        index = self._idx()
-        total = [0, 0]
-        params = [0, 0]
-        state = [0, 0]
-        for leaf in index.leaves:
-            n = leaf.tensor.numel()
-            size = n * leaf.tensor.element_size()
-            total[0] += n
-            total[1] += size
-            if not self._is_frozen(leaf):
-                bucket = params if leaf.is_param else state
-                bucket[0] += n
-                bucket[1] += size
-        return summary(total, params, state)
-
 
 def _as_values(obj: Values) -> Mapping[str, Any] | Index:
     """An update argument as `_update` takes it: a ModelState stands as its index."""
     return obj._idx() if isinstance(obj, ModelState) else obj
-
-
-def _tie_aliases(index: Index) -> dict[int, list[str]] | None:
-    """``{leaf position: keys of the tie destinations that name it}`` (None: no ties)."""
-    if not index.ties:
-        return None
-    aliases: dict[int, list[str]] = {}
-    for dest, tie in index.ties.items():
-        source = index.by_key.get(tie.source)
-        if source is not None:
-            aliases.setdefault(index.keys.index(source.key), []).append(dest)
-    return aliases
 
 
 def _empty_copy(t: Tensor, dtype: torch.dtype | None, device: torch.device | None) -> Tensor:
