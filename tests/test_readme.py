@@ -208,6 +208,8 @@ def test_api_at_a_glance_names_every_public_name() -> None:
     """The overview names each public name and each public method of ModelState."""
     glance = _section(README, "The API at a glance")
     names = [n for n in tms.__all__ if n != "MaskLike"]  # a type alias, not something to call
-    names += [f".{n}" for n in vars(ModelState) if not n.startswith("_")]
+    # ModelState's methods live on it and on its mixins (views, freezing, tying): walk the MRO.
+    owners = [k for k in ModelState.__mro__ if k is not object]
+    names += sorted({f".{n}" for k in owners for n in vars(k) if not n.startswith("_")})
     missing = [n for n in names if n not in glance]
     assert missing == [], f"not in 'The API at a glance': {missing}"
