@@ -178,6 +178,28 @@ def _binary_groups(
     return floats, int_l, int_r
 
 
+def chunk_pairs(
+    ls: list[Tensor], rs: list[Tensor], limit: int
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """Consecutive runs of (lhs, rhs) pairs holding about `limit` lhs elements each.
+
+    For merges that compute in a temporary per chunk (stochastic rounding, slerp): the
+    temporaries stay chunk-sized whatever the model's size. A tensor is never split.
+    """
+    chunk_l: list[Tensor] = []
+    chunk_r: list[Tensor] = []
+    size = 0
+    for lt, rt in zip(ls, rs, strict=True):
+        chunk_l.append(lt)
+        chunk_r.append(rt)
+        size += lt.numel()
+        if size >= limit:
+            yield chunk_l, chunk_r
+            chunk_l, chunk_r, size = [], [], 0
+    if chunk_l:
+        yield chunk_l, chunk_r
+
+
 # At most this many bytes of rhs are converted at once when lhs and rhs differ in device or
 # dtype (an fp32 EMA of a bf16 model, a CPU shadow of a GPU model): never a model-sized copy.
 CONVERT_BUDGET = 16 * 2**20

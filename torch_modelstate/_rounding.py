@@ -18,7 +18,6 @@ nearest. Infinities and (torch's) NaNs pass through unchanged.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -36,21 +35,6 @@ _HIGH_HALF: int | None = 1 if sys.byteorder == "little" else None
 
 # Elements computed in fp32 at once (three fp32 buffers of this size live at a time).
 CHUNK = 1 << 20
-
-
-def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    chunk_l: list[Tensor] = []
-    chunk_r: list[Tensor] = []
-    size = 0
-    for lt, rt in zip(ls, rs, strict=True):
-        chunk_l.append(lt)
-        chunk_r.append(rt)
-        size += lt.numel()
-        if size >= CHUNK:
-            yield chunk_l, chunk_r
-            chunk_l, chunk_r, size = [], [], 0
-    if chunk_l:
-        yield chunk_l, chunk_r
 
 
 def round_(values: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> None:
@@ -97,7 +81,7 @@ def lerp_(
         ls.append(lhs[i])
         rs.append(rhs[i])
     for (device, dtype), (ls, rs) in groups.items():
-        for chunk_l, chunk_r in _chunks(ls, rs):
+        for chunk_l, chunk_r in _kernels.chunk_pairs(ls, rs, CHUNK):
             a = torch.cat([t.reshape(-1) for t in chunk_l]).to(torch.float32)
             b = torch.cat([t.reshape(-1).to(device) for t in chunk_r]).to(torch.float32)
             a.lerp_(b, weight)

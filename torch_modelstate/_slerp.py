@@ -15,8 +15,6 @@ through `_kernels.copy_`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
 
@@ -28,21 +26,6 @@ __all__ = ["DOT_THRESHOLD", "EPS", "slerp", "slerp_"]
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 CHUNK = 1 << 20
-
-
-def _chunks(ls: list[Tensor], rs: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    chunk_l: list[Tensor] = []
-    chunk_r: list[Tensor] = []
-    size = 0
-    for lt, rt in zip(ls, rs, strict=True):
-        chunk_l.append(lt)
-        chunk_r.append(rt)
-        size += lt.numel()
-        if size >= CHUNK:
-            yield chunk_l, chunk_r
-            chunk_l, chunk_r, size = [], [], 0
-    if chunk_l:
-        yield chunk_l, chunk_r
 
 
 def _flat(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -109,7 +92,7 @@ def slerp_(lhs: list[Tensor], rhs: list[Tensor], t: float, nonfloat: NonFloat) -
             int_l.append(lt)
             int_r.append(rt)
     for ls, rs in floats.values():
-        for chunk_l, chunk_r in _chunks(ls, rs):
+        for chunk_l, chunk_r in _kernels.chunk_pairs(ls, rs, CHUNK):
             chunk = [(x, y) for x, y in zip(chunk_l, chunk_r, strict=True) if x.numel()]
             if chunk:
                 xs = [x for x, _ in chunk]
