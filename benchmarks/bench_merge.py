@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,37 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_load import current_rss, max_rss  # one way to read memory for both benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["cli merge", "hand script"]
 GOAL_TIME = 1.1
 GOAL_MEMORY = 0.5
-
-
-def max_rss() -> int:
-    """Peak resident set size of this process so far, in bytes.
-
-    ``VmHWM`` where /proc has it: it starts afresh at ``exec``, whereas ``ru_maxrss`` keeps
-    the parent's resident size from ``fork`` (a large benchmark parent would show in every
-    child's peak).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return max_rss()
 
 
 def make_inputs(directory: Path, mb: int, n: int) -> list[Path]:
