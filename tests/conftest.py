@@ -11,9 +11,12 @@ Hypothesis profiles (choose with ``HYPOTHESIS_PROFILE=name pytest``):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import HealthCheck, settings
 from strategies import Stat
 from torch import nn
@@ -61,3 +64,15 @@ def nested() -> nn.ModuleDict:
 def stat() -> Stat:
     """A custom module whose forward updates persistent and non-persistent buffers."""
     return Stat(3)
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[None]:
+    """A one-process gloo group (file:// rendezvous, no ports), destroyed afterwards."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from _ties_models import AutoEncoder
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from torch_modelstate import ModelState
 
 # --------------------------------------------------------------------------- models
-
-
-class AutoEncoder(nn.Module):
-    """A tied autoencoder: ``dec.weight`` can be ``enc.weight.t()``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.Linear(4, 3)
-        self.dec = nn.Linear(3, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dec(torch.tanh(self.enc(x)))
 
 
 class Neg(nn.Module):
@@ -61,18 +47,6 @@ def expected(model: AutoEncoder, x: Tensor, dec_weight: Tensor, dec_bias: Tensor
 
 
 X = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
-
-
-@pytest.fixture
-def one_rank(tmp_path: Path) -> Iterator[None]:
-    """A one-process gloo group (file:// rendezvous, no ports), destroyed afterwards."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- the tied class

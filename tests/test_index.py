@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -37,18 +35,6 @@ def net() -> Net:
 
 PLAIN_KEYS = list(net().state_dict())
 X = torch.linspace(-1.0, 1.0, 12).reshape(4, 3)
-
-
-@pytest.fixture
-def one_rank(tmp_path: Path) -> Iterator[None]:
-    """A one-process gloo group (file:// rendezvous, no ports), destroyed afterwards."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- staleness by identity
