@@ -24,17 +24,19 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
-from operator import eq, is_
+from operator import attrgetter, eq, is_
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from torch_modelstate._facts import Facts, plain
 from torch_modelstate._tied_module import TransformTie, parameter_order, transform_ties_of
 from torch_modelstate._ties import Tie as Tie
 from torch_modelstate._ties import identity_sources
 
 _HELD = "_tms_index"  # the module attribute that keeps a root's index
+_TENSOR = attrgetter("tensor")
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +61,7 @@ class Index:
 
     __slots__ = (
         "_checks",
+        "_facts",
         "_root",
         "by_key",
         "keys",
@@ -80,6 +83,8 @@ class Index:
             if tie.fn is None:
                 self.by_key[tie.dest] = self.by_key[tie.source]
         self._checks: tuple[Any, ...] | None = None
+        # What write checks proved (`_facts`): None until planned for once, True after.
+        self._facts: Facts | bool | None = None
         self._root: nn.Module | None = None  # the module indexed (None for a dict)
         # Transform destinations whose source's module left the model: {key: (owner, name)}.
         self.orphans: dict[str, tuple[nn.Module, str]] = {}
@@ -122,6 +127,35 @@ class Index:
             and sum(map(len, sized)) == size
             and all(map(eq, np_sets, np_copies))
         )
+
+    def facts(self, *, pointers: bool = True, metadata: bool = True) -> Facts | None:
+        """The facts kept for this index's tensors, if they still hold (else None: the full
+        checks run, then `keep_facts`). Call it on a current index; `pointers` and
+        `metadata` say what to revalidate (`Facts.holds`): both, unless the caller
+        revalidated the other part already or writes through a packing's flat buffers."""
+        facts = self._facts
+        if isinstance(facts, Facts):
+            if facts.holds(pointers=pointers, metadata=metadata):
+                return facts
+            self._facts = True  # something moved: rebuilt after the next full check
+        return None
+
+    def keep_facts(self) -> Facts | None:
+        """After the full checks passed: the facts to record what they found in. Built the
+        second time an index is planned for (a one-off write pays nothing), and only for
+        plain tensors (a DTensor's shards are checked each time)."""
+        facts = self._facts
+        if isinstance(facts, Facts):
+            return facts
+        if facts is None:
+            self._facts = True
+            return None
+        tensors = list(map(_TENSOR, self.leaves))
+        if not plain(tensors):
+            return None
+        built = Facts(tensors)
+        self._facts = built
+        return built
 
     def did_you_mean(self, key: str) -> str:
         """A hint line naming the keys closest to an unknown `key` (or nothing)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from itertools import compress
 from operator import attrgetter, not_
-from typing import Literal, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
@@ -102,15 +102,40 @@ def _storage(t: Tensor) -> int:
     return t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
 
 
+class Split(NamedTuple):
+    """The pairs of an operation as the CPU kernels take them: floats and the rest apart."""
+
+    float_lhs: list[Tensor]
+    float_rhs: list[Tensor]
+    other_lhs: list[Tensor]
+    other_rhs: list[Tensor]
+
+
+class Prepared(NamedTuple):
+    """What a caller proved of the pairs it hands a kernel, so the kernel skips finding it.
+
+    `flats`: the flat buffers of two packed states of one layout (one op per group).
+    Otherwise every pair is a plain CPU tensor, no source shares memory with a
+    destination, and (for arithmetic) `split` holds the float / other split, each pair of
+    one dtype. Built from `_facts`, whose signatures prove these still hold.
+    """
+
+    flats: list[tuple[Tensor, Tensor]] | None = None
+    split: Split | None = None
+
+
 @torch.no_grad()
-def copy_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
+def copy_(dsts: list[Tensor], srcs: list[Tensor], prepared: Prepared | None = None) -> None:
     """Copy ``srcs[i]`` into ``dsts[i]`` for all i, casting and moving as needed."""
     if not dsts:
         return
-    flats = _pack.flat_pairs(dsts, srcs)
+    flats = _pack.flat_pairs(dsts, srcs) if prepared is None else prepared.flats
     if flats is not None:  # two packed states of one layout: one copy per group
         for dst_flat, src_flat in flats:
             dst_flat.copy_(src_flat)
+        return
+    if prepared is not None:  # plain, unaliased, on the CPU: one call, whatever the dtypes
+        torch._foreach_copy_(dsts, srcs)
         return
     dsts, srcs = _distributed.local_pairs(dsts, srcs)
     srcs = _unaliased(dsts, srcs)
@@ -142,9 +167,7 @@ def _uniform_float_cpu(lhs: list[Tensor], rhs: list[Tensor]) -> bool:
     return _all_cpu(lhs, rhs)
 
 
-def _cpu_split(
-    lhs: list[Tensor], rhs: list[Tensor]
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None:
+def _cpu_split(lhs: list[Tensor], rhs: list[Tensor]) -> Split | None:
     """On the CPU, with each rhs of its lhs's dtype: (float lhs, float rhs, other lhs, other
     rhs), split by C-level passes (one int64 buffer among floats costs no Python per tensor).
     None when a pair needs a cast or a tensor is off the CPU (the grouped path serves)."""
@@ -154,7 +177,7 @@ def _cpu_split(
     floating = {dt for dt in set(dtypes) if _is_float(dt)}
     flags = list(map(floating.__contains__, dtypes))
     others = list(map(not_, flags))
-    return (
+    return Split(
         list(compress(lhs, flags)),
         list(compress(rhs, flags)),
         list(compress(lhs, others)),
@@ -247,70 +270,87 @@ def _float_chunks(
             yield chunk_l, list(map(to, chunk_r))
 
 
-def _packed(
-    lhs: list[Tensor], rhs: list[Tensor], nonfloat: NonFloat, op: Callable[[Tensor, Tensor], object]
-) -> bool:
-    """Run `op` once per group on the flat buffers of two packed states of one layout."""
-    flats = _pack.flat_pairs(lhs, rhs)
-    if flats is None:
-        return False
-    for lf, rf in flats:
-        if _is_float(lf.dtype):
-            op(lf, rf)
-        elif nonfloat == "rhs":
-            lf.copy_(rf)
-    return True
-
-
 def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> None:
     if int_l and nonfloat == "rhs":
         copy_(int_l, int_r)
 
 
+def _binary(
+    lhs: list[Tensor],
+    rhs: list[Tensor],
+    nonfloat: NonFloat,
+    prepared: Prepared | None,
+    flat_op: Callable[[Tensor, Tensor], object],
+    foreach_op: Callable[[list[Tensor], list[Tensor]], object],
+) -> None:
+    """Run an arithmetic merge: `flat_op` on the flat buffers of two packed states of one
+    layout, else `foreach_op` per (device, dtype) group of float pairs (rhs converted a
+    chunk at a time where its device or dtype differs); other pairs per `nonfloat`."""
+    flats = _pack.flat_pairs(lhs, rhs) if prepared is None else prepared.flats
+    if flats is not None:
+        for lf, rf in flats:
+            if _is_float(lf.dtype):
+                flat_op(lf, rf)
+            elif nonfloat == "rhs":
+                lf.copy_(rf)
+        return
+    split = None if prepared is None else prepared.split
+    if split is None:
+        lhs, rhs = _distributed.local_pairs(lhs, rhs)
+        rhs = _unaliased(lhs, rhs)
+        if _uniform_float_cpu(lhs, rhs):
+            foreach_op(lhs, rhs)
+            return
+        split = _cpu_split(lhs, rhs)
+    if split is not None:
+        fl, fr, int_l, int_r = split
+        if fl:
+            foreach_op(fl, fr)
+        if int_l and nonfloat == "rhs":
+            torch._foreach_copy_(int_l, int_r)  # same dtypes, on the CPU, checked: one call
+        return
+    floats, int_l, int_r = _binary_groups(lhs, rhs)
+    for ls, rs in _float_chunks(floats):
+        foreach_op(ls, rs)
+    _nonfloat(int_l, int_r, nonfloat)
+
+
 @torch.no_grad()
-def lerp_(lhs: list[Tensor], rhs: list[Tensor], weight: float, nonfloat: NonFloat) -> None:
+def lerp_(
+    lhs: list[Tensor],
+    rhs: list[Tensor],
+    weight: float,
+    nonfloat: NonFloat,
+    prepared: Prepared | None = None,
+) -> None:
     """``lhs[i] += weight * (rhs[i] - lhs[i])`` in place, as grouped ``_foreach_lerp_``."""
-    if _packed(lhs, rhs, nonfloat, lambda lf, rf: lf.lerp_(rf, weight)):
-        return
-    lhs, rhs = _distributed.local_pairs(lhs, rhs)
-    rhs = _unaliased(lhs, rhs)
-    if _uniform_float_cpu(lhs, rhs):
-        torch._foreach_lerp_(lhs, rhs, weight)
-        return
-    split = _cpu_split(lhs, rhs)
-    if split is not None:
-        fl, fr, int_l, int_r = split
-        if fl:
-            torch._foreach_lerp_(fl, fr, weight)
-        _nonfloat(int_l, int_r, nonfloat)
-        return
-    floats, int_l, int_r = _binary_groups(lhs, rhs)
-    for ls, rs in _float_chunks(floats):
-        torch._foreach_lerp_(ls, rs, weight)
-    _nonfloat(int_l, int_r, nonfloat)
+    _binary(
+        lhs,
+        rhs,
+        nonfloat,
+        prepared,
+        lambda lf, rf: lf.lerp_(rf, weight),
+        lambda ls, rs: torch._foreach_lerp_(ls, rs, weight),
+    )
 
 
 @torch.no_grad()
-def add_(lhs: list[Tensor], rhs: list[Tensor], alpha: float, nonfloat: NonFloat) -> None:
+def add_(
+    lhs: list[Tensor],
+    rhs: list[Tensor],
+    alpha: float,
+    nonfloat: NonFloat,
+    prepared: Prepared | None = None,
+) -> None:
     """``lhs[i] += alpha * rhs[i]`` in place, as grouped ``_foreach_add_``."""
-    if _packed(lhs, rhs, nonfloat, lambda lf, rf: lf.add_(rf, alpha=alpha)):
-        return
-    lhs, rhs = _distributed.local_pairs(lhs, rhs)
-    rhs = _unaliased(lhs, rhs)
-    if _uniform_float_cpu(lhs, rhs):
-        torch._foreach_add_(lhs, rhs, alpha=alpha)
-        return
-    split = _cpu_split(lhs, rhs)
-    if split is not None:
-        fl, fr, int_l, int_r = split
-        if fl:
-            torch._foreach_add_(fl, fr, alpha=alpha)
-        _nonfloat(int_l, int_r, nonfloat)
-        return
-    floats, int_l, int_r = _binary_groups(lhs, rhs)
-    for ls, rs in _float_chunks(floats):
-        torch._foreach_add_(ls, rs, alpha=alpha)
-    _nonfloat(int_l, int_r, nonfloat)
+    _binary(
+        lhs,
+        rhs,
+        nonfloat,
+        prepared,
+        lambda lf, rf: lf.add_(rf, alpha=alpha),
+        lambda ls, rs: torch._foreach_add_(ls, rs, alpha=alpha),
+    )
 
 
 def set_requires_grad(tensors: list[Tensor], flag: bool) -> None:

@@ -34,9 +34,10 @@ from typing import Any, NoReturn, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from torch_modelstate import _distributed, _kernels
+from torch_modelstate import _distributed, _kernels, _known
 from torch_modelstate._errors import KeyNotFoundError
 from torch_modelstate._index import Index, Leaf
+from torch_modelstate._kernels import Prepared
 from torch_modelstate._paths import to_flat
 from torch_modelstate._writable import (
     check_arithmetic,
@@ -62,22 +63,31 @@ class Plan:
     copy.
     """
 
-    __slots__ = ("dsts", "keys", "merge", "srcs")
+    __slots__ = ("dsts", "keys", "merge", "prepared", "srcs")
 
     def __init__(
-        self, keys: list[str], dsts: list[Tensor], srcs: list[Tensor], merge: Merge | None = None
+        self,
+        keys: list[str],
+        dsts: list[Tensor],
+        srcs: list[Tensor],
+        prepared: Prepared | None = None,
+        *,
+        merge: Merge | None = None,
     ) -> None:
         self.keys = keys
         self.dsts = dsts
         self.srcs = srcs
         self.merge = merge
+        self.prepared = prepared  # what kept facts proved, for the kernels to skip
 
     def apply(self) -> None:
         """Write every pair: one grouped kernel call."""
         if self.merge is None:
-            _kernels.copy_(self.dsts, self.srcs)
-        else:
+            _kernels.copy_(self.dsts, self.srcs, self.prepared)
+        elif self.prepared is None:
             self.merge.apply_(self.dsts, self.srcs)
+        else:
+            self.merge.apply_prepared_(self.dsts, self.srcs, self.prepared)
 
     def __repr__(self) -> str:
         how = "copy" if self.merge is None else repr(self.merge)
@@ -98,7 +108,30 @@ def plan_update(
 
     Index arguments stand for ModelStates (their stored tensors; only their state when
     given as `updated_state`). Frozen state in `updated_state` is skipped.
+
+    A dict with the keys of the last update, and values shaped as its values were, is
+    checked from kept facts (`_known`): only the aliasing of the new values is looked at.
     """
+    plain_dict = updated_state is None and type(updated_parameters) is dict
+    if plain_dict:
+        assert isinstance(updated_parameters, dict)
+        known = _known.update(index, updated_parameters, module)
+        if known is not None:
+            return Plan(*known)
+    plan = _plan_update(index, updated_parameters, updated_state, is_frozen, module)
+    if plain_dict:
+        assert isinstance(updated_parameters, dict)
+        _known.keep_update(index, updated_parameters, plan.keys, plan.dsts, plan.srcs)
+    return plan
+
+
+def _plan_update(
+    index: Index,
+    updated_parameters: Values,
+    updated_state: Values | None,
+    is_frozen: Callable[[Leaf], bool],
+    module: nn.Module | None,
+) -> Plan:
     keys: list[str] = []
     dsts: list[Tensor] = []
     srcs: list[Tensor] = []
@@ -191,10 +224,21 @@ def plan_merge(
     every tensor, and its results are checked before the plan is returned. `module` is the
     model `index` views (None for a standalone state). Over a sharded state the checks are
     collective (one all-reduce of a flag): if `fun` or a check fails on one rank, every rank
-    raises and none writes."""
+    raises and none writes.
+
+    Between the same two views again (an EMA step), the checks' findings are kept
+    (`_facts`): revalidated in C-level passes, they stand in for the checks and the kernels'
+    own grouping, and only what depends on `fun` runs again."""
+    if isinstance(fun, Merge):
+        known = _known.merge(index, other, fun, module)
+        if known is not None:
+            return Plan(index.keys, *known, merge=fun)
     model = list(map(_TENSOR, index.leaves))
     with _distributed.agreement(model) if _distributed.any_dtensor(model) else nullcontext():
-        return _plan_merge(index, other, fun, module, model)
+        plan = _plan_merge(index, other, fun, module, model)
+    if isinstance(fun, Merge) and plan.keys is index.keys and other.keys == index.keys:
+        _known.keep_merge(index, other)
+    return plan
 
 
 def _plan_merge(
@@ -222,7 +266,7 @@ def _plan_merge(
     if isinstance(fun, Merge):
         check_values("merge", keys, rhs, lhs, side="rhs", target_dtypes=dtypes)
         check_arithmetic(keys, lhs, fun, dtypes)
-        return Plan(keys, lhs, rhs, fun)
+        return Plan(keys, lhs, rhs, merge=fun)
     if not callable(fun):
         msg = f"`fun` must be callable as fun(path, lhs, rhs).\n  got: {type(fun).__name__}"
         raise TypeError(msg)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from torch_modelstate import _kernels, _rounding, _slerp
-from torch_modelstate._kernels import NonFloat
+from torch_modelstate._kernels import NonFloat, Prepared
 
 __all__ = ["Merge", "Rounding", "add", "ema", "lerp", "replace", "slerp", "sub"]
 
@@ -63,6 +63,11 @@ class Merge:
     def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         """Merge ``rhs[i]`` into ``lhs[i]`` in place for all i."""
         raise NotImplementedError
+
+    def apply_prepared_(self, lhs: list[Tensor], rhs: list[Tensor], prepared: Prepared) -> None:
+        """`apply_`, given what kept facts proved of the pairs (`_kernels.Prepared`); a
+        merge whose kernel cannot use it runs `apply_`."""
+        self.apply_(lhs, rhs)
 
     def _value(self, lhs: Tensor, rhs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -104,6 +109,12 @@ class _Lerp(Merge):
         else:
             _kernels.lerp_(lhs, rhs, self.t, self.nonfloat)
 
+    def apply_prepared_(self, lhs: list[Tensor], rhs: list[Tensor], prepared: Prepared) -> None:
+        if self.rounding == "stochastic":
+            self.apply_(lhs, rhs)
+        else:
+            _kernels.lerp_(lhs, rhs, self.t, self.nonfloat, prepared)
+
     def __repr__(self) -> str:
         extra = ", rounding='stochastic'" if self.rounding == "stochastic" else ""
         return f"merges.{self._name}{extra})"
@@ -142,6 +153,9 @@ class _Add(Merge):
     def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         _kernels.add_(lhs, rhs, self.alpha, self.nonfloat)
 
+    def apply_prepared_(self, lhs: list[Tensor], rhs: list[Tensor], prepared: Prepared) -> None:
+        _kernels.add_(lhs, rhs, self.alpha, self.nonfloat, prepared)
+
     def __repr__(self) -> str:
         alpha = -self.alpha if self._name == "sub" else self.alpha
         return f"merges.{self._name}({alpha!r})"
@@ -156,6 +170,9 @@ class _Replace(Merge):
 
     def apply_(self, lhs: list[Tensor], rhs: list[Tensor]) -> None:
         _kernels.copy_(lhs, rhs)
+
+    def apply_prepared_(self, lhs: list[Tensor], rhs: list[Tensor], prepared: Prepared) -> None:
+        _kernels.copy_(lhs, rhs, prepared)
 
     def __repr__(self) -> str:
         return "merges.replace()"

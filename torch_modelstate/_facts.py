@@ -1,0 +1,244 @@
+"""What the write checks proved about one index's tensors, kept while nothing moves.
+
+Every update and merge checks its destinations and values before it writes (`_writable`).
+Run every step between the same two views (an EMA, a copy into a shadow model), those checks
+find the same things each time: the tensors are the same objects (the index proves it,
+`Index.is_current`), and what the checks read (device, dtype, shape, strides, storage) has
+not moved. `Facts` keeps what they found, with a *signature* of that metadata; `Facts.holds`
+revalidates it in two C-level passes and no Python call per tensor:
+
+- the data pointers, compared as one list: ``.data =``, ``set_``, a growing ``resize_``,
+  ``.to()`` or ``.half()`` keeping a parameter, ``pack`` all move them;
+- a guard over dtype, device, shape, strides and dispatch keys: the one torch.compile's
+  guards use (``TensorGuards``), or, where that is missing, plain passes over dtype, shape
+  and strides. ``t_()``, a shrinking ``resize_``, ``.data =`` a view of the same memory,
+  a tensor turned into a parameter or an entry into inference mode all fail it.
+
+When a signature does not hold, the full checks run again and the facts are rebuilt. Facts
+are built only for an index whose tensors are plain (no DTensor) and only the second time it
+is planned for, so a one-off update pays nothing for them.
+
+What a pair of indexes proved (a merge between the same two views: matching keys, shapes,
+dtypes, storage kept apart) is kept on the left-hand facts, next to a weak reference to the
+right-hand ones, so a finished merge keeps no right-hand tensor alive.
+
+>>> import torch
+>>> w = torch.zeros(2, 2)
+>>> facts = Facts([w])
+>>> facts.holds()
+True
+>>> _ = w.t_()
+>>> facts.holds()
+False
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from itertools import compress
+from operator import attrgetter, not_
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from torch_modelstate import _pack
+from torch_modelstate._kernels import Prepared, Split
+
+__all__ = ["Facts", "Guard", "KeptUpdate", "PairFacts", "plain", "storage_ptrs"]
+
+_PLAIN = frozenset({Tensor, torch.nn.Parameter, torch.nn.Buffer})
+_DATA_PTR = Tensor.data_ptr
+_STORAGE = Tensor.untyped_storage
+_STORAGE_PTR = torch.UntypedStorage.data_ptr
+_DTYPE = attrgetter("dtype")
+_IS_CPU = attrgetter("is_cpu")
+_SIZE = Tensor.size
+_STRIDE = Tensor.stride
+
+# torch.compile's C++ tensor guard: one call checks every tensor's metadata. Private, so
+# `Guard` checks that it works and falls back to plain passes where it does not.
+_TensorGuards: Any
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every torch this supports has it
+    _TensorGuards = None
+
+
+def _neutral() -> AbstractContextManager[Any]:
+    # The guard reads dispatch keys; autocast adds some that say nothing of the tensors.
+    disable = getattr(torch._C, "_DisableAutocast", None)
+    return disable() if disable is not None else nullcontext()
+
+
+class Guard:
+    """dtype, device, shape and strides of a list of tensors, checked in one pass."""
+
+    __slots__ = ("_count", "_dtypes", "_guard", "_shapes", "_strides")
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self._count = len(tensors)
+        self._guard: Any = None
+        sizes = list(map(list, map(_SIZE, tensors)))
+        strides = list(map(list, map(_STRIDE, tensors)))
+        if _TensorGuards is not None:
+            try:
+                with _neutral():
+                    self._guard = _TensorGuards(
+                        *tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides
+                    )
+                    if self._guard.check(*tensors):
+                        return
+            except (TypeError, RuntimeError, SystemError):  # another torch's signature
+                pass
+            self._guard = None
+        self._dtypes = list(map(_DTYPE, tensors))
+        self._shapes = list(map(_SIZE, tensors))
+        self._strides = list(map(_STRIDE, tensors))
+
+    def check(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether `tensors` (as many as built from) match; False for a non-tensor."""
+        if len(tensors) != self._count:
+            return False
+        if self._guard is not None:
+            with _neutral():
+                return bool(self._guard.check(*tensors))
+        if not plain(tensors):
+            return False
+        return (
+            list(map(_DTYPE, tensors)) == self._dtypes
+            and list(map(_SIZE, tensors)) == self._shapes
+            and list(map(_STRIDE, tensors)) == self._strides
+        )
+
+
+def storage_ptrs(tensors: Sequence[Tensor]) -> Iterator[int]:
+    """The storage pointer of each tensor (aliases are found by storage)."""
+    return map(_STORAGE_PTR, map(_STORAGE, tensors))
+
+
+class KeptUpdate(NamedTuple):
+    """The last update from a dict: its keys, their destinations, a guard of its values'
+    metadata, and what the kernel may skip (None: the full copy kernel runs)."""
+
+    keys: list[str]
+    dsts: list[Tensor]
+    guard: Guard
+    prepared: Prepared | None
+
+
+def plain(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is a plain tensor, parameter or buffer (facts can be kept)."""
+    return set(map(type, tensors)) <= _PLAIN
+
+
+class Facts:
+    """The tensors of one index, a signature of their metadata, and what checks found.
+
+    `writable` is True once the destination checks passed (`check_destinations`); `update`
+    holds the last update's key list and destinations; `pair` what a merge with one
+    right-hand side proved (`PairFacts`). Everything else is computed on first use.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_floats",
+        "_guard",
+        "_inference",
+        "_ptrs",
+        "_storages",
+        "all_cpu",
+        "dtypes",
+        "layout",
+        "pair",
+        "tensors",
+        "update",
+        "writable",
+    )
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors
+        self._ptrs = list(map(_DATA_PTR, tensors))
+        self._guard = Guard(tensors)
+        self._inference = torch.is_inference_mode_enabled()
+        self.dtypes = set(map(_DTYPE, tensors))
+        self.all_cpu = all(map(_IS_CPU, tensors))
+        self.layout = _pack.layout_of(tensors)
+        self.writable = False
+        self.update: KeptUpdate | None = None
+        self.pair: PairFacts | None = None
+        self._storages: frozenset[int] | None = None
+        self._floats: list[bool] | None = None
+
+    def holds(self, *, pointers: bool = True, metadata: bool = True) -> bool:
+        """Whether every tensor still has the metadata these facts were found for: its data
+        pointer (`pointers`) and its dtype, device, shape and strides (`metadata`). A write
+        through the flat buffers of a packing needs only the pointers (`_pack`)."""
+        tensors = self.tensors
+        if torch.is_inference_mode_enabled() != self._inference:
+            return False
+        if pointers and list(map(_DATA_PTR, tensors)) != self._ptrs:
+            return False
+        return not metadata or self._guard.check(tensors)
+
+    def storages(self) -> frozenset[int]:
+        """The storage pointers of the tensors (aliases are found by storage)."""
+        if self._storages is None:
+            self._storages = frozenset(storage_ptrs(self.tensors))
+        return self._storages
+
+    def floats(self) -> list[bool]:
+        """For each tensor, whether it is floating point (or complex)."""
+        if self._floats is None:
+            floating = {dt for dt in self.dtypes if dt.is_floating_point or dt.is_complex}
+            self._floats = list(map(floating.__contains__, map(_DTYPE, self.tensors)))
+        return self._floats
+
+
+class PairFacts:
+    """What a merge of one right-hand side into these facts' tensors proved.
+
+    Valid while both sides' facts hold and `rhs` is still the right-hand facts (a weak
+    reference: the pair keeps no right-hand tensor alive). The kernels run on the flat buffers of
+    two packed states of one layout (`packed`); otherwise, when every pair is on the CPU with one
+    dtype on both sides, the kernels need only the float / other split (`prepared`).
+    """
+
+    __slots__ = ("_flags", "_float_lhs", "_other_lhs", "_others", "packed", "rhs")
+
+    def __init__(self, lhs: Facts, rhs: Facts) -> None:
+        self.rhs = weakref.ref(rhs)
+        self.packed = _pack.flat_pairs(lhs.tensors, rhs.tensors) is not None
+        flags = lhs.floats()
+        self._flags = flags
+        self._others = list(map(not_, flags))
+        self._float_lhs = list(compress(lhs.tensors, flags))
+        self._other_lhs = list(compress(lhs.tensors, self._others))
+
+    @staticmethod
+    def possible(lhs: Facts, rhs: Facts) -> bool:
+        """Whether the kernels can take the pairs as proven: all on the CPU with one dtype
+        per pair, or two packings of one layout; and no storage shared between the sides."""
+        if not lhs.storages().isdisjoint(rhs.storages()):
+            return False
+        if _pack.flat_pairs(lhs.tensors, rhs.tensors) is not None:
+            return True
+        return (
+            lhs.all_cpu
+            and rhs.all_cpu
+            and list(map(_DTYPE, lhs.tensors)) == list(map(_DTYPE, rhs.tensors))
+        )
+
+    def prepared(self, lhs: Facts, rhs: Facts) -> Prepared:
+        """What the kernels take (the right-hand split: C-level `compress` passes)."""
+        if self.packed and lhs.layout is not None and rhs.layout is not None:
+            return Prepared(flats=list(zip(lhs.layout.flats, rhs.layout.flats, strict=True)))
+        split = Split(
+            self._float_lhs,
+            list(compress(rhs.tensors, self._flags)),
+            self._other_lhs,
+            list(compress(rhs.tensors, self._others)),
+        )
+        return Prepared(split=split)
