@@ -25,7 +25,11 @@ and the ratio is fair. Rows:
   are in ``benchmarks/bench_merge.py``).
 - peers: ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)``
   and timm ``ModelEmaV3`` when importable.
-- scaling: µs per tensor of the EMA step and of update at 400 / 4000 / 40,000 tensors.
+- floors of a sound reused plan (`sound_checks`): the raw op plus the checks that no
+  reuse of a plan between calls can skip, written with torch primitives only, so that
+  "ours against that floor" shows what the library adds on top of them.
+- scaling: µs per tensor of the EMA step and of update at 400 / 4000 / 40,000 tensors, and
+  what each costs over its raw op per tensor (which must not grow with the count).
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def lm(vocab: int, hidden: int, mlp: int, blocks: int) -> nn.Module:
 # --------------------------------------------------------------------------- timing
 
 
-def measure(cases: dict[str, Fn], repeats: int, warmup: int = 1) -> dict[str, float]:
+def measure(cases: dict[str, Fn], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds of each case, interleaved run by run (the order rotates)."""
     names = list(cases)
     for _ in range(warmup):
@@ -165,6 +169,60 @@ def raw_ema(fa: list[torch.Tensor], fb: list[torch.Tensor], ia: list[torch.Tenso
     return step
 
 
+def sound_checks(model: nn.Module, sides: list[list[torch.Tensor]], *, metadata: bool = True) -> Fn:
+    """The checks no sound reuse of a plan can skip, written with torch primitives only.
+
+    Before a write into a live model, something must show that (1) the model still holds
+    the tensors planned for (one identity pass over every entry of every module's
+    parameter, buffer and child dicts, and a count of entries: anything added), and for
+    each side (2) that no tensor moved (one pass over data pointers) and (3) that dtype,
+    device, shape and strides are as checked (one C++ guard call; skipped for two packed
+    states, whose writes go through the flat buffers). Each is one C-level pass.
+    """
+    from operator import is_
+
+    from torch._C._dynamo.guards import TensorGuards
+
+    holders: list[dict[str, Any]] = []
+    names: list[str] = []
+    objects: list[object] = []
+    sized: list[dict[str, Any]] = []
+    for module in model.modules():
+        for held in (module._parameters, module._buffers, module._modules):
+            sized.append(held)
+            holders += [held] * len(held)
+            names += list(held)
+            objects += list(held.values())
+    size = sum(map(len, sized))
+    ptrs = [list(map(torch.Tensor.data_ptr, side)) for side in sides]
+    guards = [
+        TensorGuards(
+            *side,
+            dynamic_dims_sizes=[list(t.shape) for t in side],
+            dynamic_dims_strides=[list(t.stride()) for t in side],
+        )
+        for side in sides
+    ]
+
+    def check() -> None:
+        ok = all(map(is_, map(dict.get, holders, names), objects))
+        ok = ok and sum(map(len, sized)) == size
+        for side, kept, guard in zip(sides, ptrs, guards, strict=True):
+            ok = ok and list(map(torch.Tensor.data_ptr, side)) == kept
+            ok = ok and (not metadata or guard.check(*side))
+        assert ok
+
+    return check
+
+
+def checked(check: Fn, op: Fn) -> Fn:
+    def step() -> None:
+        check()
+        op()
+
+    return step
+
+
 # --------------------------------------------------------------------------- rows
 
 
@@ -185,12 +243,15 @@ def ema_rows(n: int, bn: int, repeats: int) -> None:
         unrelated.register_buffer("b", torch.zeros(1) + counter[0])
         ema.merge(ModelState.new(model), step)
 
+    lhs, rhs = list(ema.to_dict().values()), list(ms.to_dict().values())
+    sound = checked(sound_checks(model, [lhs, rhs]), floor)
     t = measure(
         {
             "once": lambda: ema.merge(ms, step),
             "fresh": fresh,
             "buffer": after_buffer,
             "raw": floor,
+            "sound": sound,
         },
         repeats,
     )
@@ -206,6 +267,15 @@ def ema_rows(n: int, bn: int, repeats: int) -> None:
         t["buffer"] / t["raw"],
         1.5,
     )
+    row(
+        "floor of a sound reused plan: raw foreach + the checks it cannot skip (`sound_checks`)",
+        ms_(t["sound"]),
+        raw,
+        t["sound"] / t["raw"],
+        None,
+    )
+    row("ours (view once) against that floor", ms_(t["once"]), ms_(t["sound"]),
+        t["once"] / t["sound"], None)  # fmt: skip
     packed_row(model, repeats)
     peer_rows(model, t, repeats)
 
@@ -225,13 +295,22 @@ def packed_row(model: nn.Module, repeats: int) -> None:
     def flat() -> None:
         flat_a.lerp_(flat_b, 1 - DECAY)
 
-    t = measure({"packed": lambda: ema.merge(ms, step), "flat": flat}, repeats)
+    sides = [list(ema.to_dict().values()), list(ms.to_dict().values())]
+    sound = checked(sound_checks(model, sides, metadata=False), flat)
+    t = measure({"packed": lambda: ema.merge(ms, step), "flat": flat, "sound": sound}, repeats)
     row(
         "same, packed model and its packed clone",
         ms_(t["packed"]),
         f"one flat lerp_ {ms_(t['flat'])}",
         t["packed"] / t["flat"],
         1.3,
+    )
+    row(
+        "floor of a sound packed step: one flat lerp_ + identity and pointer passes",
+        ms_(t["sound"]),
+        f"one flat lerp_ {ms_(t['flat'])}",
+        t["sound"] / t["flat"],
+        None,
     )
 
 
@@ -269,7 +348,25 @@ def update_row(n: int, repeats: int) -> None:
         with torch.no_grad():
             torch._foreach_copy_(dsts, srcs)
 
-    t = measure({"ours": lambda: ms.update(src), "raw": raw}, repeats)
+    from torch._C._dynamo.guards import TensorGuards
+
+    dst_check = sound_checks(model, [dsts])
+    value_guard = TensorGuards(
+        *srcs,
+        dynamic_dims_sizes=[list(v.shape) for v in srcs],
+        dynamic_dims_strides=[list(v.stride()) for v in srcs],
+    )
+    dst_storages = {d.untyped_storage().data_ptr() for d in dsts}
+
+    def values_check() -> None:
+        # New values each call: their metadata (one guard call) and their memory against
+        # the destinations' (one pass over storage pointers) must be looked at every time.
+        fresh = list(src.values())
+        assert value_guard.check(*fresh)
+        assert dst_storages.isdisjoint(v.untyped_storage().data_ptr() for v in fresh)
+
+    sound = checked(dst_check, checked(values_check, raw))
+    t = measure({"ours": lambda: ms.update(src), "raw": raw, "sound": sound}, repeats)
     over = (t["ours"] - t["raw"]) / n * 1e6
     row(
         f"`update` of {n} tiny 4x4 tensors ({over:.2f} µs/tensor over raw)",
@@ -277,6 +374,14 @@ def update_row(n: int, repeats: int) -> None:
         f"raw _foreach_copy_ {ms_(t['raw'])}",
         t["ours"] / t["raw"],
         1.5,
+    )
+    row(
+        "floor of a sound update from a dict: raw copy + the checks of the destinations "
+        "and of the new values",
+        ms_(t["sound"]),
+        f"raw _foreach_copy_ {ms_(t['raw'])}",
+        t["sound"] / t["raw"],
+        None,
     )
 
 
@@ -420,10 +525,10 @@ def io_rows(quick: bool, repeats: int) -> None:
 
 def scaling(counts: list[int], repeats: int) -> None:
     print(
-        "\n| tensors | EMA step µs/tensor | raw lerp µs/tensor | update µs/tensor "
-        "| raw copy µs/tensor |"
+        "\n| tensors | EMA step µs/tensor | raw lerp µs/tensor | EMA over raw µs/tensor "
+        "| update µs/tensor | raw copy µs/tensor | update over raw µs/tensor |"
     )
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in counts:
         model = Tiny(n)
         ms = ModelState.new(model)
@@ -450,8 +555,8 @@ def scaling(counts: list[int], repeats: int) -> None:
         )
         per = {k: v / n * 1e6 for k, v in t.items()}
         print(
-            f"| {n} | {per['ema']:.2f} | {per['lerp']:.2f} | {per['update']:.2f} "
-            f"| {per['copy']:.2f} |",
+            f"| {n} | {per['ema']:.2f} | {per['lerp']:.2f} | {per['ema'] - per['lerp']:.2f} "
+            f"| {per['update']:.2f} | {per['copy']:.2f} | {per['update'] - per['copy']:.2f} |",
             flush=True,
         )
 
