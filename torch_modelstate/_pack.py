@@ -9,7 +9,8 @@ flat buffer and each tensor's offset; it hangs on the first tensor of the state
 
 `flat_pairs` is the kernels' fast path: when both sides of an update or merge are packed
 states of one layout and still *intact* (each tensor is the object packed, and still a view
-of its flat buffer at its offset: one C-level pass of ``data_ptr``), the write runs as one op
+of its flat buffer at its offset, with its dtype, shape and strides: a pass of ``data_ptr``
+and one of `_guard.Guard`), the write runs as one op
 per group on the flat buffers. Anything that replaces a tensor or its storage (``.to()``,
 ``fully_shard``, ``load_state_dict(assign=True)``) breaks intactness and the per-tensor ops
 serve, with the same results.
@@ -29,6 +30,8 @@ from operator import is_
 import torch
 from torch import Tensor
 
+from torch_modelstate._guard import Guard
+
 __all__ = ["Layout", "flat_pairs", "layout_of", "pack"]
 
 _ATTR = "_tms_pack"
@@ -38,24 +41,49 @@ _PLAIN = (Tensor, torch.nn.Parameter, torch.nn.Buffer)
 class Layout:
     """The packing of a list of tensors: per (device, dtype) group, a flat buffer."""
 
-    __slots__ = ("flats", "ptrs", "signature", "tensors")
+    __slots__ = ("_dtypes", "flats", "guard", "ptrs", "signature", "tensors")
 
     def __init__(self, tensors: list[Tensor], flats: list[Tensor], ptrs: list[int]) -> None:
         self.tensors = tensors  # in the order packed (the state's key order)
         self.flats = flats  # one per group, in group order
         self.ptrs = ptrs  # each tensor's expected data_ptr
+        # ...and its dtype, shape and contiguous strides: a view of its slice at the same
+        # address but transposed (`t_()`), expanded or of another dtype is not its slice.
+        self.guard = Guard(tensors)
+        self._dtypes = [t.dtype for t in tensors]
         self.signature = (
             tuple((f.device, f.dtype, f.numel()) for f in flats),
             tuple(tuple(t.shape) for t in tensors),
         )
 
     def intact(self, tensors: Sequence[Tensor]) -> bool:
-        """Whether `tensors` are exactly the packed ones, each still at its slice."""
-        return (
+        """Whether `tensors` are exactly the packed ones, each still the view of its slice
+        (same address, dtype, shape and strides)."""
+        if not (
             len(tensors) == len(self.tensors)
             and all(map(is_, tensors, self.tensors))
             and list(map(Tensor.data_ptr, tensors)) == self.ptrs
-        )
+        ):
+            return False
+        if self.guard.check(tensors):
+            return True
+        # The guard also sees what does not matter here (requires_grad after a freeze):
+        # look at what does, and if it holds, guard the tensors as they are now.
+        if _views_of_slices(tensors, self.signature[1], self._dtypes):
+            self.guard = Guard(tensors)
+            return True
+        return False
+
+
+def _views_of_slices(
+    tensors: Sequence[Tensor], shapes: tuple[tuple[int, ...], ...], dtypes: list[torch.dtype]
+) -> bool:
+    return (
+        all(map(Tensor.is_contiguous, tensors))
+        and list(map(tuple, map(Tensor.size, tensors))) == list(shapes)
+        and [t.dtype for t in tensors] == dtypes
+        and not any(t.is_conj() or t.is_neg() for t in tensors)
+    )
 
 
 def _packable(t: Tensor) -> bool:
