@@ -9,10 +9,11 @@ revalidates it in two C-level passes and no Python call per tensor:
 
 - the data pointers, compared as one list: ``.data =``, ``set_``, a growing ``resize_``,
   ``.to()`` or ``.half()`` keeping a parameter, ``pack`` all move them;
-- a guard over dtype, device, shape, strides and dispatch keys: the one torch.compile's
-  guards use (``TensorGuards``), or, where that is missing, plain passes over dtype, shape
-  and strides. ``t_()``, a shrinking ``resize_``, ``.data =`` a view of the same memory,
-  a tensor turned into a parameter or an entry into inference mode all fail it.
+- a guard over dtype, device, layout, shape, strides and dispatch keys (`_guard.Guard`:
+  torch.compile's C++ tensor guard, or plain passes where that is missing). ``t_()``, a
+  shrinking ``resize_``, ``.data =`` a view of the same memory (transposed, expanded,
+  conjugate, of another dtype), ``requires_grad_`` or an entry into inference mode all
+  fail it.
 
 When a signature does not hold, the full checks run again and the facts are rebuilt. Facts
 are built only for an index whose tensors are plain (no DTensor) and only the second time it
@@ -36,82 +37,24 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from itertools import compress
 from operator import attrgetter, not_
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from torch_modelstate import _pack
+from torch_modelstate._guard import Guard
 from torch_modelstate._kernels import Prepared, Split
 
-__all__ = ["Facts", "Guard", "KeptUpdate", "PairFacts", "plain", "storage_ptrs"]
+__all__ = ["Facts", "KeptUpdate", "PairFacts", "storage_ptrs"]
 
-_PLAIN = frozenset({Tensor, torch.nn.Parameter, torch.nn.Buffer})
 _DATA_PTR = Tensor.data_ptr
 _STORAGE = Tensor.untyped_storage
 _STORAGE_PTR = torch.UntypedStorage.data_ptr
 _DTYPE = attrgetter("dtype")
 _IS_CPU = attrgetter("is_cpu")
-_SIZE = Tensor.size
-_STRIDE = Tensor.stride
-
-# torch.compile's C++ tensor guard: one call checks every tensor's metadata. Private, so
-# `Guard` checks that it works and falls back to plain passes where it does not.
-_TensorGuards: Any
-try:
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except ImportError:  # pragma: no cover - every torch this supports has it
-    _TensorGuards = None
-
-
-def _neutral() -> AbstractContextManager[Any]:
-    # The guard reads dispatch keys; autocast adds some that say nothing of the tensors.
-    disable = getattr(torch._C, "_DisableAutocast", None)
-    return disable() if disable is not None else nullcontext()
-
-
-class Guard:
-    """dtype, device, shape and strides of a list of tensors, checked in one pass."""
-
-    __slots__ = ("_count", "_dtypes", "_guard", "_shapes", "_strides")
-
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self._count = len(tensors)
-        self._guard: Any = None
-        sizes = list(map(list, map(_SIZE, tensors)))
-        strides = list(map(list, map(_STRIDE, tensors)))
-        if _TensorGuards is not None:
-            try:
-                with _neutral():
-                    self._guard = _TensorGuards(
-                        *tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides
-                    )
-                    if self._guard.check(*tensors):
-                        return
-            except (TypeError, RuntimeError, SystemError):  # another torch's signature
-                pass
-            self._guard = None
-        self._dtypes = list(map(_DTYPE, tensors))
-        self._shapes = list(map(_SIZE, tensors))
-        self._strides = list(map(_STRIDE, tensors))
-
-    def check(self, tensors: Sequence[Tensor]) -> bool:
-        """Whether `tensors` (as many as built from) match; False for a non-tensor."""
-        if len(tensors) != self._count:
-            return False
-        if self._guard is not None:
-            with _neutral():
-                return bool(self._guard.check(*tensors))
-        if not plain(tensors):
-            return False
-        return (
-            list(map(_DTYPE, tensors)) == self._dtypes
-            and list(map(_SIZE, tensors)) == self._shapes
-            and list(map(_STRIDE, tensors)) == self._strides
-        )
 
 
 def storage_ptrs(tensors: Sequence[Tensor]) -> Iterator[int]:
@@ -127,11 +70,6 @@ class KeptUpdate(NamedTuple):
     dsts: list[Tensor]
     guard: Guard
     prepared: Prepared | None
-
-
-def plain(tensors: Sequence[Tensor]) -> bool:
-    """Whether every tensor is a plain tensor, parameter or buffer (facts can be kept)."""
-    return set(map(type, tensors)) <= _PLAIN
 
 
 class Facts:
@@ -172,16 +110,15 @@ class Facts:
         self._storages: frozenset[int] | None = None
         self._floats: list[bool] | None = None
 
-    def holds(self, *, pointers: bool = True, metadata: bool = True) -> bool:
-        """Whether every tensor still has the metadata these facts were found for: its data
-        pointer (`pointers`) and its dtype, device, shape and strides (`metadata`). A write
-        through the flat buffers of a packing needs only the pointers (`_pack`)."""
+    def holds(self) -> bool:
+        """Whether every tensor still has the data pointer and metadata these facts were
+        found for (and inference mode is as it was)."""
         tensors = self.tensors
-        if torch.is_inference_mode_enabled() != self._inference:
-            return False
-        if pointers and list(map(_DATA_PTR, tensors)) != self._ptrs:
-            return False
-        return not metadata or self._guard.check(tensors)
+        return (
+            torch.is_inference_mode_enabled() == self._inference
+            and list(map(_DATA_PTR, tensors)) == self._ptrs
+            and self._guard.check(tensors)
+        )
 
     def storages(self) -> frozenset[int]:
         """The storage pointers of the tensors (aliases are found by storage)."""

@@ -30,7 +30,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from torch_modelstate._facts import Facts, plain
+from torch_modelstate._facts import Facts
+from torch_modelstate._guard import plain
 from torch_modelstate._tied_module import TransformTie, parameter_order, transform_ties_of
 from torch_modelstate._ties import Tie as Tie
 from torch_modelstate._ties import identity_sources
@@ -128,14 +129,12 @@ class Index:
             and all(map(eq, np_sets, np_copies))
         )
 
-    def facts(self, *, pointers: bool = True, metadata: bool = True) -> Facts | None:
+    def facts(self) -> Facts | None:
         """The facts kept for this index's tensors, if they still hold (else None: the full
-        checks run, then `keep_facts`). Call it on a current index; `pointers` and
-        `metadata` say what to revalidate (`Facts.holds`): both, unless the caller
-        revalidated the other part already or writes through a packing's flat buffers."""
+        checks run, then `keep_facts`). Call it on a current index."""
         facts = self._facts
         if isinstance(facts, Facts):
-            if facts.holds(pointers=pointers, metadata=metadata):
+            if facts.holds():
                 return facts
             self._facts = True  # something moved: rebuilt after the next full check
         return None

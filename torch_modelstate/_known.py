@@ -30,7 +30,8 @@ from typing import TypeAlias
 from torch import Tensor, nn
 
 from torch_modelstate import _distributed
-from torch_modelstate._facts import Guard, KeptUpdate, PairFacts, plain, storage_ptrs
+from torch_modelstate._facts import KeptUpdate, PairFacts, storage_ptrs
+from torch_modelstate._guard import Guard, plain
 from torch_modelstate._index import Index
 from torch_modelstate._kernels import Prepared
 from torch_modelstate._writable import check_arithmetic
@@ -45,14 +46,11 @@ Pairs: TypeAlias = "tuple[list[Tensor], list[Tensor], Prepared | None]"
 
 def merge(index: Index, other: Index, fun: Merge, module: nn.Module | None) -> Pairs | None:
     """(lhs, rhs, prepared) of a merge between two views whose kept facts hold, or None."""
-    lhs = index.facts(metadata=False)
+    lhs = index.facts()
     if lhs is None or lhs.pair is None:
         return None
     pair = lhs.pair
-    # Through two packings' flat buffers only the data pointers matter (`_pack`).
-    if not pair.packed and index.facts(pointers=False) is None:
-        return None
-    rhs = other.facts(metadata=not pair.packed)
+    rhs = other.facts()
     if rhs is None or pair.rhs() is not rhs:
         return None
     _distributed.check_sharded(module, "merge")  # gathered FSDP parameters are plain too
@@ -64,7 +62,7 @@ def keep_merge(index: Index, other: Index) -> None:
     """Record that a merge of `other` (same keys, same order) into `index` passed every
     check, so the next one between them can skip them."""
     lhs = index.keep_facts()
-    rhs = other.keep_facts() if lhs is not None else None
+    rhs = other.keep_facts()
     if lhs is None or rhs is None or lhs is rhs:
         return
     lhs.writable = True  # check_destinations passed on every lhs tensor
