@@ -171,7 +171,7 @@ def test_stochastic_rounding_through_merge_keeps_integer_rules_and_the_call_form
 
 
 class ConversionPeak(TorchFunctionMode):
-    """Tracks the most bytes produced by ``Tensor.to`` that are alive at one time."""
+    """Tracks the most bytes made by ``Tensor.to`` or ``torch.empty`` alive at one time."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -185,7 +185,8 @@ class ConversionPeak(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func is torch.Tensor.to and isinstance(out, torch.Tensor) and out is not args[0]:
+        made = func is torch.empty or (func is torch.Tensor.to and out is not args[0])
+        if made and isinstance(out, torch.Tensor):
             n = out.numel() * out.element_size()
             self.live += n
             self.peak = max(self.peak, self.live)
@@ -196,7 +197,8 @@ class ConversionPeak(TorchFunctionMode):
 def test_an_fp32_shadow_of_a_bf16_model_merges_without_a_model_sized_copy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """rhs is converted a chunk at a time, and the result equals converting first."""
+    """rhs is converted a chunk at a time into one reused staging buffer (plus the one
+    non-contiguous giant, converted whole), and the result equals converting first."""
     monkeypatch.setattr(_kernels, "CONVERT_BUDGET", 4096)
     torch.manual_seed(0)
     model = {f"w{i}": torch.randn(64, 16).to(torch.bfloat16) for i in range(20)}
@@ -207,7 +209,7 @@ def test_an_fp32_shadow_of_a_bf16_model_merges_without_a_model_sized_copy(
     with ConversionPeak() as mode:
         shadow.merge(model, merges.ema(0.9))
     total = sum(v.numel() * 4 for v in model.values())
-    assert mode.peak <= 2 * 4096 + 40 * 30 * 4 < total / 5
+    assert mode.peak <= 4096 + 40 * 30 * 4 < total / 5
     for key, value in shadow.to_dict().items():
         assert torch.equal(value, expected[key]), key
     added = ModelState.new({k: v.clone() for k, v in shadow.to_dict().items()})

@@ -238,10 +238,13 @@ def _float_chunks(
 ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     """Each float group, with rhs brought to lhs's device and dtype a chunk at a time.
 
-    A chunk holds about `CONVERT_BUDGET` bytes; a larger contiguous tensor is split into flat
-    slices (views of lhs, so the op still writes in place). The same kernel then runs on
-    converted values, so results equal converting first. ``non_blocking`` only for copies
-    from the CPU to an accelerator: a device-to-host copy must land before the CPU reads it.
+    A chunk holds at most `CONVERT_BUDGET` bytes, converted into one staging buffer that
+    every chunk of the group reuses (no allocation per chunk, so the extra memory is the
+    buffer whatever the allocator does); a larger contiguous tensor is split into flat
+    slices (views of lhs, so the op still writes in place). The consumer must be done with
+    a chunk before asking for the next one. The same kernel then runs on converted values,
+    so results equal converting first. ``non_blocking`` only for copies from the CPU to an
+    accelerator: a device-to-host copy must land before the CPU reads it.
     """
     for ls, rs in floats:
         device, dtype = ls[0].device, ls[0].dtype
@@ -249,31 +252,47 @@ def _float_chunks(
             yield ls, rs
             continue
         non_blocking = rs[0].device.type == "cpu" and device.type != "cpu"
-
-        def to(r: Tensor) -> Tensor:
-            return r.to(device=device, dtype=dtype, non_blocking=non_blocking)  # noqa: B023
-
         budget = CONVERT_BUDGET * (1 if device.type == "cpu" else DEVICE_CONVERT_FACTOR)
         limit = max(1, budget // ls[0].element_size())
+        staging = torch.empty(min(limit, sum(map(Tensor.numel, ls))), dtype=dtype, device=device)
+
+        def staged(chunk: list[Tensor]) -> list[Tensor]:
+            views: list[Tensor] = []
+            offset = 0
+            for r in chunk:
+                n = r.numel()
+                views.append(staging[offset : offset + n].view(r.shape))  # noqa: B023
+                offset += n
+            torch._foreach_copy_(views, chunk, non_blocking=non_blocking)  # noqa: B023
+            return views
+
         chunk_l: list[Tensor] = []
         chunk_r: list[Tensor] = []
         size = 0
         for lt, rt in zip(ls, rs, strict=True):
             n = lt.numel()
-            if n > limit and lt.is_contiguous() and rt.is_contiguous():
-                flat_l, flat_r = lt.view(-1), rt.view(-1)
-                for start in range(0, n, limit):
-                    piece = flat_r[start : start + limit]
-                    yield [flat_l[start : start + limit]], [to(piece)]
+            if n > limit:
+                if chunk_l:
+                    yield chunk_l, staged(chunk_r)
+                    chunk_l, chunk_r, size = [], [], 0
+                if lt.is_contiguous() and rt.is_contiguous():
+                    flat_l, flat_r = lt.view(-1), rt.view(-1)
+                    for start in range(0, n, limit):
+                        yield (
+                            [flat_l[start : start + limit]],
+                            staged([flat_r[start : start + limit]]),
+                        )
+                else:  # a strided giant: converted whole, the one case above the budget
+                    yield [lt], [rt.to(device=device, dtype=dtype, non_blocking=non_blocking)]
                 continue
+            if size + n > limit:
+                yield chunk_l, staged(chunk_r)
+                chunk_l, chunk_r, size = [], [], 0
             chunk_l.append(lt)
             chunk_r.append(rt)
             size += n
-            if size >= limit:
-                yield chunk_l, list(map(to, chunk_r))
-                chunk_l, chunk_r, size = [], [], 0
         if chunk_l:
-            yield chunk_l, list(map(to, chunk_r))
+            yield chunk_l, staged(chunk_r)
 
 
 def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> None:
