@@ -209,3 +209,32 @@ def test_frozen_custom_buffers_on_gpu():
     stat(torch.randn(4, 3, device=CUDA))
     assert stat.count.item() == 0
     assert torch.equal(stat.mean, torch.zeros(3, device=CUDA))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_repeated_ema_step_on_the_gpu_follows_torch(packed: bool) -> None:
+    """Warm EMA steps on CUDA (kept facts, grouped by dtype) match plain torch, including
+    after a parameter moves between steps."""
+    model = make_model()
+    model[2].half()
+    ms = ModelState.new(model)
+    if packed:
+        ms.pack()
+    ema = ms.clone()
+    expected = {k: v.clone() for k, v in ema.to_dict().items()}
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25)
+        if step == 3:
+            model[0].weight.data = model[0].weight.data.clone()  # moves: full checks again
+        ema.merge(ms, merges.ema(0.75))
+        for key, value in ms.to_dict().items():
+            if value.is_floating_point():
+                expected[key] = torch.lerp(expected[key], value, 0.25)
+            else:
+                expected[key] = value.clone()
+    assert isinstance(ema._idx()._facts, type(ms._idx()._facts))
+    torch.cuda.synchronize()
+    for key, value in ema.to_dict().items():
+        assert torch.allclose(value.float(), expected[key].float(), atol=1e-3), key

@@ -571,3 +571,27 @@ def test_a_packing_stays_intact_after_a_freeze():
     assert _pack.layout_of(tensors) is not None
     tensors[0].t_()
     assert _pack.layout_of(tensors) is None
+
+
+def test_warm_merges_group_mixed_float_dtypes():
+    """A model of fp32, fp64 and bf16 tensors: warm steps run one kernel per dtype group and
+    match plain torch."""
+    from torch_modelstate._facts import Facts as KeptFacts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3).double(), nn.Linear(3, 3).bfloat16())
+    ms = ModelState.new(model)
+    ema = ms.clone()
+    expected = {k: v.clone() for k, v in ema.to_dict().items()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5).add_(0.5)
+        ema.merge(ms, merges.ema(0.5))
+        for key, value in ms.to_dict().items():
+            expected[key] = torch.lerp(expected[key], value, 0.5)
+    facts = ema._idx()._facts
+    assert isinstance(facts, KeptFacts) and facts.pair is not None
+    assert len(facts.pair.prepared(facts, ms._idx()._facts).split.float_groups) == 3
+    for key, value in ema.to_dict().items():
+        assert torch.equal(value, expected[key]), key

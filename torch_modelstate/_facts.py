@@ -54,6 +54,7 @@ _DATA_PTR = Tensor.data_ptr
 _STORAGE = Tensor.untyped_storage
 _STORAGE_PTR = torch.UntypedStorage.data_ptr
 _DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
 _IS_CPU = attrgetter("is_cpu")
 
 
@@ -138,44 +139,47 @@ class PairFacts:
     """What a merge of one right-hand side into these facts' tensors proved.
 
     Valid while both sides' facts hold and `rhs` is still the right-hand facts (a weak
-    reference: the pair keeps no right-hand tensor alive). The kernels run on the flat buffers of
-    two packed states of one layout (`packed`); otherwise, when every pair is on the CPU with one
-    dtype on both sides, the kernels need only the float / other split (`prepared`).
+    reference: the pair keeps no right-hand tensor alive). The kernels run on the flat
+    buffers of two packed states of one layout (`packed`); otherwise every pair has one
+    device and dtype on both sides, and the kernels take the float pairs grouped by device
+    and dtype (grouped once, here) and the others apart (`prepared`).
     """
 
-    __slots__ = ("_flags", "_float_lhs", "_other_lhs", "_others", "packed", "rhs")
+    __slots__ = ("_groups", "_other_lhs", "_others", "packed", "rhs")
 
     def __init__(self, lhs: Facts, rhs: Facts) -> None:
         self.rhs = weakref.ref(rhs)
         self.packed = _pack.flat_pairs(lhs.tensors, rhs.tensors) is not None
         flags = lhs.floats()
-        self._flags = flags
         self._others = list(map(not_, flags))
-        self._float_lhs = list(compress(lhs.tensors, flags))
         self._other_lhs = list(compress(lhs.tensors, self._others))
+        # One mask per (device, dtype) of the float tensors: a C-level `compress` per group
+        # and call, where grouping each call would be a Python step per tensor.
+        tensors = lhs.tensors
+        kinds = list(zip(map(_DEVICE, tensors), map(_DTYPE, tensors), flags, strict=True))
+        self._groups: list[tuple[list[bool], list[Tensor]]] = []
+        for kind in dict.fromkeys(k for k in kinds if k[2]):
+            mask = list(map(kind.__eq__, kinds))
+            self._groups.append((mask, list(compress(lhs.tensors, mask))))
 
     @staticmethod
     def possible(lhs: Facts, rhs: Facts) -> bool:
-        """Whether the kernels can take the pairs as proven: all on the CPU with one dtype
-        per pair, or two packings of one layout; and no storage shared between the sides."""
+        """Whether the kernels can take the pairs as proven: one device and dtype per pair,
+        or two packings of one layout; and no storage shared between the sides."""
         if not lhs.storages().isdisjoint(rhs.storages()):
             return False
         if _pack.flat_pairs(lhs.tensors, rhs.tensors) is not None:
             return True
-        return (
-            lhs.all_cpu
-            and rhs.all_cpu
-            and list(map(_DTYPE, lhs.tensors)) == list(map(_DTYPE, rhs.tensors))
-        )
+        left, right = lhs.tensors, rhs.tensors
+        return list(map(_DTYPE, left)) == list(map(_DTYPE, right)) and list(
+            map(_DEVICE, left)
+        ) == list(map(_DEVICE, right))
 
     def prepared(self, lhs: Facts, rhs: Facts) -> Prepared:
-        """What the kernels take (the right-hand split: C-level `compress` passes)."""
+        """What the kernels take (the right-hand groups: C-level `compress` passes)."""
         if self.packed and lhs.layout is not None and rhs.layout is not None:
             return Prepared(flats=list(zip(lhs.layout.flats, rhs.layout.flats, strict=True)))
-        split = Split(
-            self._float_lhs,
-            list(compress(rhs.tensors, self._flags)),
-            self._other_lhs,
-            list(compress(rhs.tensors, self._others)),
-        )
+        right = rhs.tensors
+        groups = [(lhs_group, list(compress(right, mask))) for mask, lhs_group in self._groups]
+        split = Split(groups, self._other_lhs, list(compress(right, self._others)))
         return Prepared(split=split)

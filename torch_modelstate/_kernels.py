@@ -103,10 +103,10 @@ def _storage(t: Tensor) -> int:
 
 
 class Split(NamedTuple):
-    """The pairs of an operation as the CPU kernels take them: floats and the rest apart."""
+    """The pairs of an operation as the kernels take them: the float pairs in groups of one
+    device and dtype (one foreach call each), and the other pairs apart."""
 
-    float_lhs: list[Tensor]
-    float_rhs: list[Tensor]
+    float_groups: list[tuple[list[Tensor], list[Tensor]]]
     other_lhs: list[Tensor]
     other_rhs: list[Tensor]
 
@@ -115,9 +115,10 @@ class Prepared(NamedTuple):
     """What a caller proved of the pairs it hands a kernel, so the kernel skips finding it.
 
     `flats`: the flat buffers of two packed states of one layout (one op per group).
-    Otherwise every pair is a plain CPU tensor, no source shares memory with a
-    destination, and (for arithmetic) `split` holds the float / other split, each pair of
-    one dtype. Built from `_facts`, whose signatures prove these still hold.
+    Otherwise every pair is two plain tensors of one device and dtype, no source shares
+    memory with a destination, and (for arithmetic) `split` holds the pairs grouped. A copy
+    given `prepared` without flats has only CPU pairs. Built from `_facts`, whose signatures
+    prove these still hold.
     """
 
     flats: list[tuple[Tensor, Tensor]] | None = None
@@ -177,12 +178,8 @@ def _cpu_split(lhs: list[Tensor], rhs: list[Tensor]) -> Split | None:
     floating = {dt for dt in set(dtypes) if _is_float(dt)}
     flags = list(map(floating.__contains__, dtypes))
     others = list(map(not_, flags))
-    return Split(
-        list(compress(lhs, flags)),
-        list(compress(rhs, flags)),
-        list(compress(lhs, others)),
-        list(compress(rhs, others)),
-    )
+    floats = (list(compress(lhs, flags)), list(compress(rhs, flags)))
+    return Split([floats], list(compress(lhs, others)), list(compress(rhs, others)))
 
 
 def _binary_groups(
@@ -328,11 +325,12 @@ def _binary(
             return
         split = _cpu_split(lhs, rhs)
     if split is not None:
-        fl, fr, int_l, int_r = split
-        if fl:
-            foreach_op(fl, fr)
+        groups, int_l, int_r = split
+        for fl, fr in groups:
+            if fl:
+                foreach_op(fl, fr)
         if int_l and nonfloat == "rhs":
-            torch._foreach_copy_(int_l, int_r)  # same dtypes, on the CPU, checked: one call
+            torch._foreach_copy_(int_l, int_r)  # same device and dtype per pair, checked
         return
     floats, int_l, int_r = _binary_groups(lhs, rhs)
     for ls, rs in _float_chunks(floats):
