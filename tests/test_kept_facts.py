@@ -595,3 +595,132 @@ def test_warm_merges_group_mixed_float_dtypes():
     assert len(facts.pair.prepared(facts, ms._idx()._facts).split.float_groups) == 3
     for key, value in ema.to_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_pair_is_never_built_from_facts_that_no_longer_hold():
+    """A tensor cast and cast back between calls: the warm merge still follows torch (it
+    once ran a kernel with the old dtypes and raised after writing part of the state)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    model.bias.data = model.bias.data.double()
+    ms = ModelState.new(model)
+    ema = ms.clone(dtype=torch.float32)
+    values = {k: torch.randn_like(v) for k, v in ms.to_dict().items()}
+    ms.update(values)
+    ms.update(values)
+    step = merges.ema(0.5)
+    ema.merge(ms, step)
+    ema.merge(ms, step)
+    orig = model.bias.data
+    model.bias.data = orig.float()
+    ema.merge(ms, step)
+    model.bias.data = orig
+    expected = {k: torch.lerp(v, ms[k].float(), 0.5) for k, v in ema.to_dict().items()}
+    ema.merge(ms, step)
+    for key, value in ema.to_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_memory_unmapped_after_warm_up_is_refused_not_written(tmp_path):
+    """A destination in memory torch did not allocate is re-checked every call: after its
+    mmap is closed, a warm update is refused (it once crashed the process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import mmap, torch
+        from torch_modelstate import ModelState
+        m = mmap.mmap(-1, 1 << 20, access=mmap.ACCESS_WRITE)
+        ms = ModelState.new({"w": torch.frombuffer(m, dtype=torch.float32, count=4)})
+        for _ in range(4):
+            ms.update({"w": torch.ones(4)})
+        m.close()
+        try:
+            ms.update({"w": torch.full((4,), 2.0)})
+        except ValueError as e:
+            print("refused:", str(e).splitlines()[0])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout and "read-only memory" in done.stdout
+
+
+def _warm_count(monkeypatch, run, calls: int = 6) -> list[int]:
+    """How many full destination checks each of `calls` runs of `run` made."""
+    counts: list[int] = []
+    real = update_module.check_destinations
+
+    def counting(*args, **kwargs):
+        counts[-1] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(update_module, "check_destinations", counting)
+    for _ in range(calls):
+        counts.append(0)
+        run()
+    return counts
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+@pytest.mark.parametrize(
+    "case", ["tied", "fp32_of_bf16", "zero_size", "ordered_dict_update", "other_ms_update"]
+)
+def test_common_repeated_steps_reach_the_warm_path(case, monkeypatch):
+    """Tied embeddings, an fp32 EMA of a bf16 model, a zero-size buffer, an update from
+    `state_dict()` (an OrderedDict): from the third call on, no full checks, and the values
+    follow torch."""
+    torch.manual_seed(0)
+    # (An update from the state dict of a tied model names one tensor twice; it is checked
+    # every call, so the update cases use an untied model.)
+    untied = case.endswith("update")
+    model: nn.Module = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)) if untied else _TiedLM()
+    if case == "fp32_of_bf16":
+        model = model.bfloat16()
+    if case == "zero_size":
+        model.register_buffer("empty", torch.zeros(0))
+    ms = ModelState.new(model)
+    if untied:
+        source = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        src_ms = ModelState.new(source)
+
+        def run() -> None:
+            if case == "ordered_dict_update":
+                ms.update(source.state_dict())
+            else:
+                ms.update(src_ms)
+
+        expected = {k: v.clone() for k, v in src_ms.to_dict().items()}
+    else:
+        ema = ms.clone(dtype=torch.float32)
+        expected = {k: v.clone() for k, v in ema.to_dict().items()}
+
+        def run() -> None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.5)
+            ema.merge(ms, merges.ema(0.5))
+            for key, value in ms.to_dict().items():
+                if value.is_floating_point():
+                    expected[key] = torch.lerp(expected[key], value.float(), 0.5)
+
+    counts = _warm_count(monkeypatch, run)
+    if case == "other_ms_update":
+        assert all(counts), counts  # a ModelState argument is checked every call
+    else:
+        assert counts[2:] == [0] * (len(counts) - 2), counts
+    target = ms if case.endswith("update") else ema
+    for key, value in target.to_dict().items():
+        assert torch.equal(value, expected[key]), key

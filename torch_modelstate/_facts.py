@@ -53,6 +53,7 @@ __all__ = ["Facts", "KeptUpdate", "PairFacts", "storage_ptrs"]
 _DATA_PTR = Tensor.data_ptr
 _STORAGE = Tensor.untyped_storage
 _STORAGE_PTR = torch.UntypedStorage.data_ptr
+_RESIZABLE = torch.UntypedStorage.resizable
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _IS_CPU = attrgetter("is_cpu")
@@ -76,7 +77,9 @@ class KeptUpdate(NamedTuple):
 class Facts:
     """The tensors of one index, a signature of their metadata, and what checks found.
 
-    `writable` is True once the destination checks passed (`check_destinations`); `update`
+    `owned` says every storage was allocated by torch (only then is nothing re-read from
+    the memory map: a destination in memory torch did not allocate could be unmapped or
+    made read-only between calls, so it is checked every time); `update`
     holds the last update's key list and destinations; `pair` what a merge with one
     right-hand side proved (`PairFacts`). Everything else is computed on first use.
     """
@@ -91,10 +94,10 @@ class Facts:
         "all_cpu",
         "dtypes",
         "layout",
+        "owned",
         "pair",
         "tensors",
         "update",
-        "writable",
     )
 
     def __init__(self, tensors: list[Tensor]) -> None:
@@ -105,7 +108,10 @@ class Facts:
         self.dtypes = set(map(_DTYPE, tensors))
         self.all_cpu = all(map(_IS_CPU, tensors))
         self.layout = _pack.layout_of(tensors)
-        self.writable = False
+        try:  # torch-allocated storage cannot become read-only under us
+            self.owned = all(map(_RESIZABLE, map(_STORAGE, tensors)))
+        except (RuntimeError, NotImplementedError):
+            self.owned = False
         self.update: KeptUpdate | None = None
         self.pair: PairFacts | None = None
         self._storages: frozenset[int] | None = None
@@ -124,7 +130,8 @@ class Facts:
     def storages(self) -> frozenset[int]:
         """The storage pointers of the tensors (aliases are found by storage)."""
         if self._storages is None:
-            self._storages = frozenset(storage_ptrs(self.tensors))
+            # A zero-size tensor holds no bytes (its pointer is 0): it aliases nothing.
+            self._storages = frozenset(storage_ptrs(self.tensors)) - {0}
         return self._storages
 
     def floats(self) -> list[bool]:
@@ -140,9 +147,10 @@ class PairFacts:
 
     Valid while both sides' facts hold and `rhs` is still the right-hand facts (a weak
     reference: the pair keeps no right-hand tensor alive). The kernels run on the flat
-    buffers of two packed states of one layout (`packed`); otherwise every pair has one
-    device and dtype on both sides, and the kernels take the float pairs grouped by device
-    and dtype (grouped once, here) and the others apart (`prepared`).
+    buffers of two packed states of one layout (`packed`); otherwise they take the float
+    pairs grouped by the device and dtype of both sides (grouped once, here: a C-level
+    `compress` per group and call, where grouping each call would be a Python step per
+    tensor) and the other pairs apart (`prepared`).
     """
 
     __slots__ = ("_groups", "_other_lhs", "_others", "packed", "rhs")
@@ -153,27 +161,19 @@ class PairFacts:
         flags = lhs.floats()
         self._others = list(map(not_, flags))
         self._other_lhs = list(compress(lhs.tensors, self._others))
-        # One mask per (device, dtype) of the float tensors: a C-level `compress` per group
-        # and call, where grouping each call would be a Python step per tensor.
-        tensors = lhs.tensors
-        kinds = list(zip(map(_DEVICE, tensors), map(_DTYPE, tensors), flags, strict=True))
+        left, right = lhs.tensors, rhs.tensors
+        columns = (map(_DEVICE, left), map(_DTYPE, left), map(_DEVICE, right), map(_DTYPE, right))
+        kinds = list(zip(*columns, flags, strict=True))
         self._groups: list[tuple[list[bool], list[Tensor]]] = []
-        for kind in dict.fromkeys(k for k in kinds if k[2]):
+        for kind in dict.fromkeys(k for k in kinds if k[4]):
             mask = list(map(kind.__eq__, kinds))
-            self._groups.append((mask, list(compress(lhs.tensors, mask))))
+            self._groups.append((mask, list(compress(left, mask))))
 
     @staticmethod
     def possible(lhs: Facts, rhs: Facts) -> bool:
-        """Whether the kernels can take the pairs as proven: one device and dtype per pair,
-        or two packings of one layout; and no storage shared between the sides."""
-        if not lhs.storages().isdisjoint(rhs.storages()):
-            return False
-        if _pack.flat_pairs(lhs.tensors, rhs.tensors) is not None:
-            return True
-        left, right = lhs.tensors, rhs.tensors
-        return list(map(_DTYPE, left)) == list(map(_DTYPE, right)) and list(
-            map(_DEVICE, left)
-        ) == list(map(_DEVICE, right))
+        """Whether the kernels can take the pairs as proven: no storage is shared between
+        the two sides (else the kernels copy the shared values first, every call)."""
+        return lhs.storages().isdisjoint(rhs.storages())
 
     def prepared(self, lhs: Facts, rhs: Facts) -> Prepared:
         """What the kernels take (the right-hand groups: C-level `compress` passes)."""

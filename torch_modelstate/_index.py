@@ -139,12 +139,18 @@ class Index:
             self._facts = True  # something moved: rebuilt after the next full check
         return None
 
-    def keep_facts(self) -> Facts | None:
-        """After the full checks passed: the facts to record what they found in. Built the
-        second time an index is planned for (a one-off write pays nothing), and only for
-        plain tensors (a DTensor's shards are checked each time)."""
+    def kept(self) -> Facts | None:
+        """The facts kept for this index, not revalidated: to see whether they hold
+        anything worth revalidating (`facts` revalidates)."""
         facts = self._facts
-        if isinstance(facts, Facts):
+        return facts if isinstance(facts, Facts) else None
+
+    def keep_facts(self) -> Facts | None:
+        """After the full checks passed: facts that hold now, to record what they found in.
+        Built the second time an index is planned for (a one-off write pays nothing), and
+        only for plain tensors (a DTensor's shards are checked each time)."""
+        facts = self._facts
+        if isinstance(facts, Facts) and facts.holds():
             return facts
         if facts is None:
             self._facts = True

@@ -104,7 +104,8 @@ def _storage(t: Tensor) -> int:
 
 class Split(NamedTuple):
     """The pairs of an operation as the kernels take them: the float pairs in groups of one
-    device and dtype (one foreach call each), and the other pairs apart."""
+    device and dtype on each side (one foreach call each, rhs converted a chunk at a time
+    where its device or dtype differs), and the other pairs apart."""
 
     float_groups: list[tuple[list[Tensor], list[Tensor]]]
     other_lhs: list[Tensor]
@@ -114,11 +115,10 @@ class Split(NamedTuple):
 class Prepared(NamedTuple):
     """What a caller proved of the pairs it hands a kernel, so the kernel skips finding it.
 
+    Every pair is two plain tensors and no source shares memory with a destination.
     `flats`: the flat buffers of two packed states of one layout (one op per group).
-    Otherwise every pair is two plain tensors of one device and dtype, no source shares
-    memory with a destination, and (for arithmetic) `split` holds the pairs grouped. A copy
-    given `prepared` without flats has only CPU pairs. Built from `_facts`, whose signatures
-    prove these still hold.
+    `split`: the pairs grouped (`Split`). Neither: every pair is on the CPU (one copy call
+    serves). Built from `_facts`, whose signatures prove these still hold.
     """
 
     flats: list[tuple[Tensor, Tensor]] | None = None
@@ -135,8 +135,14 @@ def copy_(dsts: list[Tensor], srcs: list[Tensor], prepared: Prepared | None = No
         for dst_flat, src_flat in flats:
             dst_flat.copy_(src_flat)
         return
-    if prepared is not None:  # plain, unaliased, on the CPU: one call, whatever the dtypes
-        torch._foreach_copy_(dsts, srcs)
+    if prepared is not None:  # plain and unaliased
+        if prepared.split is None:  # all on the CPU: one call, whatever the dtypes
+            torch._foreach_copy_(dsts, srcs)
+            return
+        groups, others_l, others_r = prepared.split
+        for d, s in [*groups, (others_l, others_r)]:
+            if d:
+                torch._foreach_copy_(d, s)
         return
     dsts, srcs = _distributed.local_pairs(dsts, srcs)
     srcs = _unaliased(dsts, srcs)
@@ -169,9 +175,10 @@ def _uniform_float_cpu(lhs: list[Tensor], rhs: list[Tensor]) -> bool:
 
 
 def _cpu_split(lhs: list[Tensor], rhs: list[Tensor]) -> Split | None:
-    """On the CPU, with each rhs of its lhs's dtype: (float lhs, float rhs, other lhs, other
-    rhs), split by C-level passes (one int64 buffer among floats costs no Python per tensor).
-    None when a pair needs a cast or a tensor is off the CPU (the grouped path serves)."""
+    """On the CPU, with each rhs of its lhs's dtype: the float pairs as one group and the
+    others apart, split by C-level passes (one int64 buffer among floats costs no Python per
+    tensor). None when a pair needs a cast or a tensor is off the CPU (the grouped path
+    serves)."""
     dtypes = list(map(_DTYPE, lhs))
     if dtypes != list(map(_DTYPE, rhs)) or not _all_cpu(lhs, rhs):
         return None
@@ -220,8 +227,9 @@ def chunk_pairs(
         yield chunk_l, chunk_r
 
 
-# At most this many bytes of rhs are converted at once when lhs and rhs differ in device or
-# dtype (an fp32 EMA of a bf16 model, a CPU shadow of a GPU model): never a model-sized copy.
+# At most this many bytes (of lhs's dtype) are converted at once when lhs and rhs differ in
+# device or dtype (an fp32 EMA of a bf16 model, a CPU shadow of a GPU model): never a
+# model-sized copy.
 # On the CPU a chunk stays in cache (an fp32 EMA of a bf16 LM: 0.02x the model's bytes of
 # extra memory, and faster than one mixed-dtype `_foreach_add_`); on an accelerator it is
 # larger, so kernel launches stay few. `CONVERT_BUDGET` is the CPU's, times
@@ -235,15 +243,20 @@ def _float_chunks(
 ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     """Each float group, with rhs brought to lhs's device and dtype a chunk at a time.
 
-    A chunk holds at most `CONVERT_BUDGET` bytes, converted into one staging buffer that
-    every chunk of the group reuses (no allocation per chunk, so the extra memory is the
-    buffer whatever the allocator does); a larger contiguous tensor is split into flat
-    slices (views of lhs, so the op still writes in place). The consumer must be done with
-    a chunk before asking for the next one. The same kernel then runs on converted values,
-    so results equal converting first. ``non_blocking`` only for copies from the CPU to an
-    accelerator: a device-to-host copy must land before the CPU reads it.
+    A chunk holds at most `CONVERT_BUDGET` bytes of lhs's dtype (times
+    `DEVICE_CONVERT_FACTOR` off the CPU), converted into one staging buffer that every
+    chunk of the group reuses (no allocation per chunk); a larger contiguous tensor is split
+    into flat slices (views of lhs, so the op still writes in place), and a larger strided
+    one is converted whole. A copy that changes both device and dtype may still make a
+    temporary per tensor inside torch. The consumer must have *issued* its op on a chunk
+    before asking for the next one, on the current stream (stream order keeps the
+    staging buffer's reuse safe on an accelerator). The same kernel then runs on converted
+    values, so results equal converting first. ``non_blocking`` only for copies from the CPU
+    to an accelerator: a device-to-host copy must land before the CPU reads it.
     """
     for ls, rs in floats:
+        if not ls:
+            continue
         device, dtype = ls[0].device, ls[0].dtype
         if rs[0].device == device and rs[0].dtype == dtype:
             yield ls, rs
@@ -324,18 +337,11 @@ def _binary(
             foreach_op(lhs, rhs)
             return
         split = _cpu_split(lhs, rhs)
-    if split is not None:
-        groups, int_l, int_r = split
-        for fl, fr in groups:
-            if fl:
-                foreach_op(fl, fr)
-        if int_l and nonfloat == "rhs":
-            torch._foreach_copy_(int_l, int_r)  # same device and dtype per pair, checked
-        return
-    floats, int_l, int_r = _binary_groups(lhs, rhs)
-    for ls, rs in _float_chunks(floats):
+    if split is None:
+        split = Split(*_binary_groups(lhs, rhs))
+    groups, int_l, int_r = split
+    for ls, rs in _float_chunks(groups):
         foreach_op(ls, rs)
-        del ls, rs  # free a converted chunk before the next one is made
     _nonfloat(int_l, int_r, nonfloat)
 
 

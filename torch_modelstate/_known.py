@@ -46,6 +46,9 @@ Pairs: TypeAlias = "tuple[list[Tensor], list[Tensor], Prepared | None]"
 
 def merge(index: Index, other: Index, fun: Merge, module: nn.Module | None) -> Pairs | None:
     """(lhs, rhs, prepared) of a merge between two views whose kept facts hold, or None."""
+    kept = index.kept()
+    if kept is None or kept.pair is None:
+        return None
     lhs = index.facts()
     if lhs is None or lhs.pair is None:
         return None
@@ -63,9 +66,8 @@ def keep_merge(index: Index, other: Index) -> None:
     check, so the next one between them can skip them."""
     lhs = index.keep_facts()
     rhs = other.keep_facts()
-    if lhs is None or rhs is None or lhs is rhs:
+    if lhs is None or rhs is None or lhs is rhs or not lhs.owned:
         return
-    lhs.writable = True  # check_destinations passed on every lhs tensor
     if PairFacts.possible(lhs, rhs):
         lhs.pair = PairFacts(lhs, rhs)
 
@@ -74,6 +76,9 @@ def update(
     index: Index, values: dict[str, object], module: nn.Module | None
 ) -> tuple[list[str], list[Tensor], list[Tensor], Prepared | None] | None:
     """(keys, dsts, srcs, prepared) of an update whose kept facts hold, or None."""
+    peek = index.kept()
+    if peek is None or peek.update is None:
+        return None
     facts = index.facts()
     kept = None if facts is None else facts.update
     if kept is None:
@@ -101,7 +106,9 @@ def keep_update(
     """Record an update that passed every check, if it wrote each value of `values` to its
     own destination (no key left out, none computed, no two on one tied tensor)."""
     facts = index.keep_facts()
-    if facts is None or len(keys) != len(values) or len(set(map(id, dsts))) != len(dsts):
+    if facts is None or not facts.owned:
+        return
+    if len(keys) != len(values) or len(set(map(id, dsts))) != len(dsts):
         return
     if not plain(srcs) or not _as_given(values, keys, srcs):
         return

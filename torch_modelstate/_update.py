@@ -25,6 +25,7 @@ tensor([1., 1.])
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from itertools import repeat
@@ -53,6 +54,7 @@ MergeFn: TypeAlias = Callable[[list[str], Tensor, Tensor], Tensor]
 Values: TypeAlias = "Mapping[str, Any] | Index"
 
 _TENSOR = attrgetter("tensor")
+_PLAIN_DICTS = (dict, OrderedDict)  # what `state_dict()` returns; a subclass may override items
 
 
 class Plan:
@@ -112,7 +114,7 @@ def plan_update(
     A dict with the keys of the last update, and values shaped as its values were, is
     checked from kept facts (`_known`): only the aliasing of the new values is looked at.
     """
-    plain_dict = updated_state is None and type(updated_parameters) is dict
+    plain_dict = updated_state is None and type(updated_parameters) in _PLAIN_DICTS
     if plain_dict:
         assert isinstance(updated_parameters, dict)
         known = _known.update(index, updated_parameters, module)
@@ -251,8 +253,9 @@ def _plan_merge(
     """`model`: the tensors of ``index.leaves``, in order (one pass, shared with the caller)."""
     _distributed.check_sharded(module, "merge")
     found = list(map(other.by_key.get, index.keys))
-    if None in found or other.ties:
+    if None in found:
         # Some keys are missing in rhs or computed there (transform ties): resolve each.
+        # (An identity tie's destination is in `by_key`, so `found` already resolves it.)
         pairs = [(leaf, other.resolve(leaf.key)) for leaf in index.leaves]
         kept = [(leaf, value) for leaf, value in pairs if value is not None]
         leaves = [leaf for leaf, _ in kept]
