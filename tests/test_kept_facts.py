@@ -724,3 +724,20 @@ def test_common_repeated_steps_reach_the_warm_path(case, monkeypatch):
     target = ms if case.endswith("update") else ema
     for key, value in target.to_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_lerp_into_complex32_on_the_cpu_is_refused_before_any_write(warm):
+    """torch has no CPU lerp kernel for complex32: refused up front, nothing written (it
+    wrote the other tensors and then raised NotImplementedError)."""
+    state = ModelState.new({"a": torch.zeros(3), "z": torch.zeros(3, dtype=torch.complex32)})
+    other = {"a": torch.ones(3), "z": torch.ones(3, dtype=torch.complex32)}
+    if warm:
+        for _ in range(3):
+            state.merge(other, merges.add(0.5))  # add has a kernel: fine
+    before = {k: v.clone() for k, v in state.to_dict().items()}
+    with pytest.raises(TypeError, match="complex32 on the CPU"):
+        state.merge(other, merges.lerp(0.5))
+    for key, value in state.to_dict().items():  # bits: torch.equal has no complex32 kernel
+        assert torch.equal(value.view(torch.int32), before[key].view(torch.int32)), key

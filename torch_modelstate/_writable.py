@@ -325,10 +325,24 @@ def _check_lazy_views(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) ->
 def check_arithmetic(
     keys: list[str], lhs: list[Tensor], fun: Merge, dtypes: set[torch.dtype] | None = None
 ) -> None:
-    """A named merge that computes (lerp, add...) needs a kernel for each lhs dtype."""
+    """A named merge that computes (lerp, add...) needs a kernel for each lhs dtype: none
+    for float8, and no lerp for complex32 on the CPU."""
     if dtypes is None:
         dtypes = set(map(_DTYPE, lhs))
-    if getattr(fun, "arithmetic", True) is False or dtypes.isdisjoint(_FLOAT8):
+    if getattr(fun, "arithmetic", True) is False:
+        return
+    if torch.complex32 in dtypes and getattr(fun, "interpolates", False):
+        for key, tensor in zip(keys, lhs, strict=True):
+            if tensor.dtype == torch.complex32 and tensor.device.type == "cpu":
+                msg = (
+                    f"merge: {fun!r} cannot compute in torch.complex32 on the CPU: torch has "
+                    f"no lerp kernel for it there; `{key}` is one.\n"
+                    "  fix: keep the tensor as torch.complex64, or merge a state without it "
+                    "(e.g. ModelState.new({k: v for k, v in ms.to_dict().items() if not "
+                    "v.is_complex()}))"
+                )
+                raise TypeError(msg)
+    if dtypes.isdisjoint(_FLOAT8):
         return
     key, tensor = next((k, t) for k, t in zip(keys, lhs, strict=True) if t.dtype in _FLOAT8)
     msg = (

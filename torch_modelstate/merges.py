@@ -75,6 +75,7 @@ class Merge:
 
 class _Lerp(Merge):
     __slots__ = ("_name", "generator", "rounding", "t")
+    interpolates = True  # a lerp kernel: none for complex32 on the CPU (`check_arithmetic`)
 
     def __init__(
         self,
