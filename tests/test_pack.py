@@ -139,3 +139,24 @@ def test_swap_within_one_packed_buffer_reads_before_writing() -> None:
     a, b = ms["0.weight"].clone(), ms["1.weight"].clone()
     ms.update({"0.weight": ms["1.weight"], "1.weight": ms["0.weight"]})
     assert torch.equal(ms["0.weight"], b) and torch.equal(ms["1.weight"], a)
+
+
+def test_a_packed_model_moved_by_half_frees_its_old_buffers() -> None:
+    """`.half()` on a packed model re-homes every tensor; the packing keeps no reference to
+    the old fp32 buffer (it held the flat buffers: a model-sized copy kept alive)."""
+    import gc
+
+    from torch import nn
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from torch_modelstate import ModelState
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    ms = ModelState.new(model)
+    ms.pack()
+    old = StorageWeakRef(model[0].weight.untyped_storage())
+    assert not old.expired()
+    model.half()
+    gc.collect()
+    assert old.expired()
+    assert ms.to_dict()["0.weight"].dtype == torch.float16

@@ -3,9 +3,11 @@
 `pack` copies the values of every stored tensor of a group into one flat buffer and points
 the tensor at its slice (``tensor.data = flat[offset:offset + n].view(shape)``), so every
 parameter and buffer keeps its identity (optimizers, hooks and ``state_dict()`` see the
-same objects) while the group's bytes are contiguous. A `Layout` remembers, per group, the
-flat buffer and each tensor's offset; it hangs on the first tensor of the state
-(``_tms_pack``), so it lives as long as the tensors do.
+same objects) while the group's bytes are contiguous. A `Layout` remembers each tensor's
+address and, per group, its first tensor and length; it hangs on the first tensor of the
+state (``_tms_pack``), so it lives as long as the tensors do. It holds no flat buffer: the
+tensors' views keep that memory alive, and `Layout.flats` rebuilds the buffers from it, so
+a packed model moved by ``.half()`` or ``.to()`` frees its old memory.
 
 `flat_pairs` is the kernels' fast path: when both sides of an update or merge are packed
 states of one layout and still *intact* (each tensor is the object packed, and still a view
@@ -41,12 +43,18 @@ _PLAIN = (Tensor, torch.nn.Parameter, torch.nn.Buffer)
 class Layout:
     """The packing of a list of tensors: per (device, dtype) group, a flat buffer."""
 
-    __slots__ = ("_dtypes", "flats", "guard", "ptrs", "signature", "tensors")
+    __slots__ = ("_dtypes", "_groups", "guard", "ptrs", "signature", "tensors")
 
-    def __init__(self, tensors: list[Tensor], flats: list[Tensor], ptrs: list[int]) -> None:
+    def __init__(
+        self, tensors: list[Tensor], flats: list[Tensor], ptrs: list[int], firsts: list[int]
+    ) -> None:
         self.tensors = tensors  # in the order packed (the state's key order)
-        self.flats = flats  # one per group, in group order
         self.ptrs = ptrs  # each tensor's expected data_ptr
+        # Per group: its first tensor (at offset 0 of the flat buffer), length and dtype. The
+        # flat buffers themselves are not held: their memory lives as long as the tensors
+        # view it, and `flats` rebuilds them from the first tensor's storage. (Held, a
+        # packed model moved by `.half()` or `.to()` would keep its old buffers alive.)
+        self._groups = [(i, f.numel(), f.dtype) for i, f in zip(firsts, flats, strict=True)]
         # ...and its dtype, shape and contiguous strides: a view of its slice at the same
         # address but transposed (`t_()`), expanded or of another dtype is not its slice.
         self.guard = Guard(tensors)
@@ -63,6 +71,7 @@ class Layout:
             len(tensors) == len(self.tensors)
             and all(map(is_, tensors, self.tensors))
             and list(map(Tensor.data_ptr, tensors)) == self.ptrs
+            and all(map(self._owns_group, self._groups))
         ):
             return False
         if self.guard.check(tensors):
@@ -73,6 +82,26 @@ class Layout:
             self.guard = Guard(tensors)
             return True
         return False
+
+    def _owns_group(self, group: tuple[int, int, torch.dtype]) -> bool:
+        # The group's first tensor still views a storage that starts at it and spans the
+        # whole group: the flat buffer (so `flats` cannot reach past it).
+        first, numel, dtype = group
+        storage = self.tensors[first].untyped_storage()
+        return storage.data_ptr() == self.ptrs[first] and storage.nbytes() == numel * (
+            dtype.itemsize
+        )
+
+    @property
+    def flats(self) -> list[Tensor]:
+        """The flat buffer of each group, in group order (views of the tensors' memory;
+        valid while `intact`)."""
+        out = []
+        for first, numel, dtype in self._groups:
+            storage = self.tensors[first].untyped_storage()
+            flat = torch.empty(0, dtype=dtype, device=storage.device)
+            out.append(flat.set_(storage, 0, (numel,), (1,)))
+        return out
 
 
 def _views_of_slices(
@@ -126,7 +155,8 @@ def pack(tensors: list[Tensor]) -> Layout:
     for t, slot in zip(tensors, views, strict=True):
         assert slot is not None
         t.data = slot
-    layout = Layout(list(tensors), flats, list(map(Tensor.data_ptr, tensors)))
+    firsts = [members[0] for members in groups.values()]
+    layout = Layout(list(tensors), flats, list(map(Tensor.data_ptr, tensors)), firsts)
     if tensors:
         setattr(tensors[0], _ATTR, layout)
     return layout
