@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from torch_modelstate import ModelState, _kernels, _rounding, merges
+from torch_modelstate import ModelState, _chunks, _rounding, merges
 
 EXACT = 0.046875 * (1 - 0.999**500)  # 500 steps of ema(0.999) from 1.0 towards 1.046875
 
@@ -199,7 +199,7 @@ def test_an_fp32_shadow_of_a_bf16_model_merges_without_a_model_sized_copy(
 ) -> None:
     """rhs is converted a chunk at a time into one reused staging buffer (plus the one
     non-contiguous giant, converted whole), and the result equals converting first."""
-    monkeypatch.setattr(_kernels, "CONVERT_BUDGET", 4096)
+    monkeypatch.setattr(_chunks, "CONVERT_BUDGET", 4096)
     torch.manual_seed(0)
     model = {f"w{i}": torch.randn(64, 16).to(torch.bfloat16) for i in range(20)}
     model["big"] = torch.randn(100, 100).to(torch.bfloat16)  # split into flat slices

@@ -11,6 +11,10 @@ DTensors (FSDP2 parameters) are written through their local shards: `_distribute
 turns every pair into plain tensors first, so a sharded write costs what a write of one
 rank's shard costs and needs no communication.
 
+A caller that proved what a kernel would find (`Prepared`, from `_facts`: the pairs are
+plain, unaliased and grouped) hands it in, and the kernel skips finding it. Conversions of a
+mixed merge's rhs run chunk by chunk (`_chunks`).
+
 Integer and bool tensors (``num_batches_tracked``, masks) are never interpolated: the
 arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the right-hand value
 (``"rhs"``) or keeps its own (``"lhs"``).
@@ -18,7 +22,7 @@ arithmetic kernels take ``nonfloat`` to say whether such a tensor takes the righ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import compress
 from operator import attrgetter, not_
 from typing import Literal, NamedTuple, TypeAlias
@@ -26,7 +30,7 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
-from torch_modelstate import _distributed, _pack
+from torch_modelstate import _chunks, _distributed, _pack
 
 NonFloat: TypeAlias = Literal["rhs", "lhs"]
 
@@ -201,108 +205,8 @@ def _binary_groups(
             int_l += ls
             int_r += rs
             continue
-        floats.append((ls, rs))  # rhs converted lazily, chunk by chunk: `_float_chunks`
+        floats.append((ls, rs))  # rhs converted lazily, chunk by chunk: `_chunks.float_chunks`
     return floats, int_l, int_r
-
-
-def chunk_pairs(
-    ls: list[Tensor], rs: list[Tensor], limit: int
-) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Consecutive runs of (lhs, rhs) pairs holding about `limit` lhs elements each.
-
-    For merges that compute in a temporary per chunk (stochastic rounding, slerp): the
-    temporaries stay chunk-sized whatever the model's size. A tensor is never split.
-    """
-    chunk_l: list[Tensor] = []
-    chunk_r: list[Tensor] = []
-    size = 0
-    for lt, rt in zip(ls, rs, strict=True):
-        chunk_l.append(lt)
-        chunk_r.append(rt)
-        size += lt.numel()
-        if size >= limit:
-            yield chunk_l, chunk_r
-            chunk_l, chunk_r, size = [], [], 0
-    if chunk_l:
-        yield chunk_l, chunk_r
-
-
-# At most this many bytes (of lhs's dtype) are converted at once when lhs and rhs differ in
-# device or dtype (an fp32 EMA of a bf16 model, a CPU shadow of a GPU model): never a
-# model-sized copy.
-# On the CPU a chunk stays in cache (an fp32 EMA of a bf16 LM: 0.02x the model's bytes of
-# extra memory, and faster than one mixed-dtype `_foreach_add_`); on an accelerator it is
-# larger, so kernel launches stay few. `CONVERT_BUDGET` is the CPU's, times
-# `DEVICE_CONVERT_FACTOR` elsewhere.
-CONVERT_BUDGET = 4 * 2**20
-DEVICE_CONVERT_FACTOR = 16
-
-
-def _float_chunks(
-    floats: list[tuple[list[Tensor], list[Tensor]]],
-) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Each float group, with rhs brought to lhs's device and dtype a chunk at a time.
-
-    A chunk holds at most `CONVERT_BUDGET` bytes of lhs's dtype (times
-    `DEVICE_CONVERT_FACTOR` off the CPU), converted into one staging buffer that every
-    chunk of the group reuses (no allocation per chunk); a larger contiguous tensor is split
-    into flat slices (views of lhs, so the op still writes in place), and a larger strided
-    one is converted whole. A copy that changes both device and dtype may still make a
-    temporary per tensor inside torch. The consumer must have *issued* its op on a chunk
-    before asking for the next one, on the current stream (stream order keeps the
-    staging buffer's reuse safe on an accelerator). The same kernel then runs on converted
-    values, so results equal converting first. ``non_blocking`` only for copies from the CPU
-    to an accelerator: a device-to-host copy must land before the CPU reads it.
-    """
-    for ls, rs in floats:
-        if not ls:
-            continue
-        device, dtype = ls[0].device, ls[0].dtype
-        if rs[0].device == device and rs[0].dtype == dtype:
-            yield ls, rs
-            continue
-        non_blocking = rs[0].device.type == "cpu" and device.type != "cpu"
-        budget = CONVERT_BUDGET * (1 if device.type == "cpu" else DEVICE_CONVERT_FACTOR)
-        limit = max(1, budget // ls[0].element_size())
-        staging = torch.empty(min(limit, sum(map(Tensor.numel, ls))), dtype=dtype, device=device)
-
-        def staged(chunk: list[Tensor]) -> list[Tensor]:
-            views: list[Tensor] = []
-            offset = 0
-            for r in chunk:
-                n = r.numel()
-                views.append(staging[offset : offset + n].view(r.shape))  # noqa: B023
-                offset += n
-            torch._foreach_copy_(views, chunk, non_blocking=non_blocking)  # noqa: B023
-            return views
-
-        chunk_l: list[Tensor] = []
-        chunk_r: list[Tensor] = []
-        size = 0
-        for lt, rt in zip(ls, rs, strict=True):
-            n = lt.numel()
-            if n > limit:
-                if chunk_l:
-                    yield chunk_l, staged(chunk_r)
-                    chunk_l, chunk_r, size = [], [], 0
-                if lt.is_contiguous() and rt.is_contiguous():
-                    flat_l, flat_r = lt.view(-1), rt.view(-1)
-                    for start in range(0, n, limit):
-                        yield (
-                            [flat_l[start : start + limit]],
-                            staged([flat_r[start : start + limit]]),
-                        )
-                else:  # a strided giant: converted whole, the one case above the budget
-                    yield [lt], [rt.to(device=device, dtype=dtype, non_blocking=non_blocking)]
-                continue
-            if size + n > limit:
-                yield chunk_l, staged(chunk_r)
-                chunk_l, chunk_r, size = [], [], 0
-            chunk_l.append(lt)
-            chunk_r.append(rt)
-            size += n
-        if chunk_l:
-            yield chunk_l, staged(chunk_r)
 
 
 def _nonfloat(int_l: list[Tensor], int_r: list[Tensor], nonfloat: NonFloat) -> None:
@@ -340,7 +244,7 @@ def _binary(
     if split is None:
         split = Split(*_binary_groups(lhs, rhs))
     groups, int_l, int_r = split
-    for ls, rs in _float_chunks(groups):
+    for ls, rs in _chunks.float_chunks(groups):
         foreach_op(ls, rs)
     _nonfloat(int_l, int_r, nonfloat)
 

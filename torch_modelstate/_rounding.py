@@ -22,7 +22,7 @@ import sys
 import torch
 from torch import Tensor
 
-from torch_modelstate import _distributed, _kernels
+from torch_modelstate import _chunks, _distributed, _kernels
 from torch_modelstate._kernels import NonFloat
 
 __all__ = ["LOW_PRECISION", "lerp_"]
@@ -81,7 +81,7 @@ def lerp_(
         ls.append(lhs[i])
         rs.append(rhs[i])
     for (device, dtype), (ls, rs) in groups.items():
-        for chunk_l, chunk_r in _kernels.chunk_pairs(ls, rs, CHUNK):
+        for chunk_l, chunk_r in _chunks.chunk_pairs(ls, rs, CHUNK):
             a = torch.cat([t.reshape(-1) for t in chunk_l]).to(torch.float32)
             b = torch.cat([t.reshape(-1).to(device) for t in chunk_r]).to(torch.float32)
             a.lerp_(b, weight)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torch_modelstate import _distributed, _kernels
+from torch_modelstate import _chunks, _distributed, _kernels
 from torch_modelstate._kernels import NonFloat
 
 __all__ = ["DOT_THRESHOLD", "EPS", "slerp", "slerp_"]
@@ -92,7 +92,7 @@ def slerp_(lhs: list[Tensor], rhs: list[Tensor], t: float, nonfloat: NonFloat) -
             int_l.append(lt)
             int_r.append(rt)
     for ls, rs in floats.values():
-        for chunk_l, chunk_r in _kernels.chunk_pairs(ls, rs, CHUNK):
+        for chunk_l, chunk_r in _chunks.chunk_pairs(ls, rs, CHUNK):
             chunk = [(x, y) for x, y in zip(chunk_l, chunk_r, strict=True) if x.numel()]
             if chunk:
                 xs = [x for x, _ in chunk]
