@@ -50,6 +50,30 @@ def _neutral() -> AbstractContextManager[Any]:
     return disable() if disable is not None else nullcontext()
 
 
+_SIZES_IMPLIED: list[bool] = []  # whether the C++ guard, given no sizes, keeps them static
+
+
+def _static_guard(tensors: Sequence[Tensor]) -> Any:
+    """A C++ guard that checks every size and stride as it is now.
+
+    Given no sizes, torch's guard takes each tensor's own (static) sizes and strides, which
+    saves building them in Python (2 of the 3 ms at 4500 tensors); whether this torch does
+    is tested once, on a probe, and otherwise they are passed."""
+    if not _SIZES_IMPLIED:
+        probe = torch.zeros(2, 3)
+        implied = _TensorGuards(probe, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        _SIZES_IMPLIED.append(
+            implied.check(probe)
+            and not implied.check(torch.zeros(3, 2))
+            and not implied.check(torch.zeros(3, 2).t())
+        )
+    if _SIZES_IMPLIED[0]:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    sizes = list(map(list, map(_SIZE, tensors)))
+    strides = list(map(list, map(_STRIDE, tensors)))
+    return _TensorGuards(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides)
+
+
 def _passes(tensors: Sequence[Tensor]) -> list[list[Any]] | None:
     """The plain-pass signature of `tensors` (None if one has no strides, as sparse)."""
     try:
@@ -73,13 +97,9 @@ class Guard:
         self._guard: Any = None
         self._passes: list[list[Any]] | None = None
         if _TensorGuards is not None and plain(tensors):
-            sizes = list(map(list, map(_SIZE, tensors)))
-            strides = list(map(list, map(_STRIDE, tensors)))
             try:
                 with _neutral():
-                    guard = _TensorGuards(
-                        *tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides
-                    )
+                    guard = _static_guard(tensors)
                     if guard.check(*tensors):
                         self._guard = guard
                         return
