@@ -741,3 +741,58 @@ def test_a_lerp_into_complex32_on_the_cpu_is_refused_before_any_write(warm):
         state.merge(other, merges.lerp(0.5))
     for key, value in state.to_dict().items():  # bits: torch.equal has no complex32 kernel
         assert torch.equal(value.view(torch.int32), before[key].view(torch.int32)), key
+
+
+@pytest.mark.parametrize("implied", [True, False])
+def test_the_guard_checks_sizes_with_or_without_them_given(implied, monkeypatch):
+    """Whether the C++ guard takes sizes from the tensors or is given them, it sees a
+    transpose, a resize and a view of another shape."""
+    monkeypatch.setattr(guard_module, "_SIZES_IMPLIED", [implied])
+    w, v = torch.zeros(3, 3), torch.zeros(4)
+    guard = guard_module.Guard([w, v])
+    assert guard.check([w, v])
+    assert not guard.check([w.t(), v])
+    assert not guard.check([w, torch.zeros(5)])
+    assert not guard.check([torch.zeros(1, 3).expand(3, 3), v])
+
+
+def test_facts_that_break_every_step_are_rebuilt_rarely_and_come_back(monkeypatch):
+    """`requires_grad` toggled between every pair of steps: the facts, which never get to
+    serve, are rebuilt with a growing back-off (not every step); once the toggling stops
+    they are rebuilt and serve again. Values follow torch throughout."""
+    import torch_modelstate._index as index_module
+
+    built = [0]
+    real = index_module.Facts
+
+    def counting(tensors):
+        built[0] += 1
+        return real(tensors)
+
+    monkeypatch.setattr(index_module, "Facts", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ms = ModelState.new(model)
+    ema = ms.clone()
+    expected = {k: v.clone() for k, v in ema.to_dict().items()}
+    weight = model[0].weight
+
+    def step(toggle: bool) -> None:
+        if toggle:
+            weight.requires_grad_(not weight.requires_grad)
+        with torch.no_grad():
+            weight.add_(0.5)
+        ema.merge(ms, merges.ema(0.5))
+        for key, value in ms.to_dict().items():
+            if value.is_floating_point():
+                expected[key] = torch.lerp(expected[key], value, 0.5)
+            else:
+                expected[key] = value.clone()
+
+    for _ in range(60):
+        step(toggle=True)
+    assert built[0] <= 12, built[0]  # back-off 1, 2, 4 ... 32, not 60 rebuilds
+    counts = _warm_count(monkeypatch, lambda: step(toggle=False), calls=40)
+    assert counts[-5:] == [0] * 5, counts
+    for key, value in ema.to_dict().items():
+        assert torch.equal(value, expected[key]), key

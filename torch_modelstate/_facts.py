@@ -96,6 +96,7 @@ class Facts:
         "layout",
         "owned",
         "pair",
+        "served",
         "tensors",
         "update",
     )
@@ -113,6 +114,7 @@ class Facts:
         except (RuntimeError, NotImplementedError):
             self.owned = False
         self.update: KeptUpdate | None = None
+        self.served = 0  # calls these facts stood in for the checks (`Index.facts`)
         self.pair: PairFacts | None = None
         self._storages: frozenset[int] | None = None
         self._floats: list[bool] | None = None
@@ -163,10 +165,12 @@ class PairFacts:
         self._other_lhs = list(compress(lhs.tensors, self._others))
         left, right = lhs.tensors, rhs.tensors
         columns = (map(_DEVICE, left), map(_DTYPE, left), map(_DEVICE, right), map(_DTYPE, right))
-        kinds = list(zip(*columns, flags, strict=True))
+        kinds = list(zip(*columns, strict=True))
+        found = set(compress(kinds, flags))
         self._groups: list[tuple[list[bool], list[Tensor]]] = []
-        for kind in dict.fromkeys(k for k in kinds if k[4]):
-            mask = list(map(kind.__eq__, kinds))
+        for kind in found:  # usually one: then the float flags are its mask (a float
+            # kind's dtype is floating, so no other tensor equals it)
+            mask = flags if len(found) == 1 else list(map(kind.__eq__, kinds))
             self._groups.append((mask, list(compress(left, mask))))
 
     @staticmethod

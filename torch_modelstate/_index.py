@@ -38,6 +38,7 @@ from torch_modelstate._ties import identity_sources
 
 _HELD = "_tms_index"  # the module attribute that keeps a root's index
 _TENSOR = attrgetter("tensor")
+_MAX_BACKOFF = 32  # full checks between rebuilds of facts that break before serving
 
 
 @dataclass(eq=False, slots=True)
@@ -61,8 +62,10 @@ class Index:
     """
 
     __slots__ = (
+        "_backoff",
         "_checks",
         "_facts",
+        "_full",
         "_root",
         "by_key",
         "keys",
@@ -84,8 +87,12 @@ class Index:
             if tie.fn is None:
                 self.by_key[tie.dest] = self.by_key[tie.source]
         self._checks: tuple[Any, ...] | None = None
-        # What write checks proved (`_facts`): None until planned for once, True after.
-        self._facts: Facts | bool | None = None
+        # What write checks proved (`_facts`), built once `_full` more full checks have run
+        # (one: the second plan builds them); `_backoff` grows while facts keep breaking
+        # before they serve (metadata that changes every step), so they are rebuilt rarely.
+        self._facts: Facts | None = None
+        self._full = 1
+        self._backoff = 0
         self._root: nn.Module | None = None  # the module indexed (None for a dict)
         # Transform destinations whose source's module left the model: {key: (owner, name)}.
         self.orphans: dict[str, tuple[nn.Module, str]] = {}
@@ -133,34 +140,39 @@ class Index:
         """The facts kept for this index's tensors, if they still hold (else None: the full
         checks run, then `keep_facts`). Call it on a current index."""
         facts = self._facts
-        if isinstance(facts, Facts):
-            if facts.holds():
-                return facts
-            self._facts = True  # something moved: rebuilt after the next full check
+        if facts is None:
+            return None
+        if facts.holds():
+            facts.served += 1
+            return facts
+        # Something moved: rebuilt after the next full check, or, if these facts never
+        # served a call, after twice as many as last time (at most `_MAX_BACKOFF`).
+        self._facts = None
+        self._backoff = 0 if facts.served else min(max(1, 2 * self._backoff), _MAX_BACKOFF)
+        self._full = self._backoff
         return None
 
     def kept(self) -> Facts | None:
         """The facts kept for this index, not revalidated: to see whether they hold
         anything worth revalidating (`facts` revalidates)."""
-        facts = self._facts
-        return facts if isinstance(facts, Facts) else None
+        return self._facts
 
     def keep_facts(self) -> Facts | None:
         """After the full checks passed: facts that hold now, to record what they found in.
         Built the second time an index is planned for (a one-off write pays nothing), and
         only for plain tensors (a DTensor's shards are checked each time)."""
         facts = self._facts
-        if isinstance(facts, Facts) and facts.holds():
+        if facts is not None and facts.holds():
             return facts
-        if facts is None:
-            self._facts = True
+        self._facts = None
+        if self._full > 0:
+            self._full -= 1
             return None
         tensors = list(map(_TENSOR, self.leaves))
         if not plain(tensors):
             return None
-        built = Facts(tensors)
-        self._facts = built
-        return built
+        self._facts = Facts(tensors)
+        return self._facts
 
     def did_you_mean(self, key: str) -> str:
         """A hint line naming the keys closest to an unknown `key` (or nothing)."""
