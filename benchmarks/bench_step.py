@@ -12,9 +12,10 @@ and the ratio is fair. Rows:
 - EMA step of a many-small model (4000 x 64x64 fp32 + 100 BatchNorm1d: 4500 tensors),
   ``ema.merge(ms, merges.ema(d))``: with the view made once; with ``ModelState.new(model)``
   each step; the same after a buffer is assigned in an unrelated module every step; and
-  between a packed model and its packed clone. Floors: a raw ``_foreach_lerp_`` over
-  precomputed float lists plus ``_foreach_copy_`` of the integer buffers; one flat
-  ``lerp_`` over the same bytes (for the packed row).
+  between a packed model and its packed clone; with `requires_grad` toggled every step
+  (kept facts rebuilt each time) against the same with nothing kept. Floors: a raw
+  ``_foreach_lerp_`` over precomputed float lists plus ``_foreach_copy_`` of the integer
+  buffers; one flat ``lerp_`` over the same bytes (for the packed row).
 - ``ms.update(state_dict)`` of 4000 tiny 4x4 tensors against a raw ``_foreach_copy_``.
 - fp32 EMA of a bf16 LM-shaped model against raw ``_foreach_mul_`` + ``_foreach_add_``
   (mixed dtypes in one call): time, and extra peak memory of one step. Memory is measured
@@ -276,8 +277,45 @@ def ema_rows(n: int, bn: int, repeats: int) -> None:
     )
     row("ours (view once) against that floor", ms_(t["once"]), ms_(t["sound"]),
         t["once"] / t["sound"], None)  # fmt: skip
+    churn_rows(model, ms, ema, step, repeats)
     packed_row(model, repeats)
     peer_rows(model, t, repeats)
+
+
+def churn_rows(
+    model: nn.Module, ms: ModelState, ema: ModelState, step: merges.Merge, repeats: int
+) -> None:
+    """Metadata that changes between every pair of steps (`requires_grad` toggled on one
+    tensor): the kept facts fail and are rebuilt each step. Against the same step with
+    nothing ever kept (the full checks only, as before kept facts)."""
+    from torch_modelstate import _index
+
+    weight = next(model.parameters())
+    flag = [True]
+    keep = _index.Index.keep_facts
+
+    def toggled() -> None:
+        flag[0] = not flag[0]
+        weight.requires_grad_(flag[0])
+        ema.merge(ms, step)
+
+    def never_kept() -> None:
+        _index.Index.keep_facts = lambda self: None  # type: ignore[method-assign]
+        try:
+            toggled()
+        finally:
+            _index.Index.keep_facts = keep  # type: ignore[method-assign]
+
+    t = measure({"toggled": toggled, "never": never_kept}, repeats)
+    over = (t["toggled"] - t["never"]) / len(ms) * 1e6
+    row(
+        f"same, `requires_grad` toggled every step: facts rebuilt ({over:.2f} µs/tensor more)",
+        ms_(t["toggled"]),
+        f"full checks, nothing kept {ms_(t['never'])}",
+        t["toggled"] / t["never"],
+        None,
+    )
+    weight.requires_grad_(True)
 
 
 def packed_row(model: nn.Module, repeats: int) -> None:
