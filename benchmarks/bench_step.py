@@ -170,7 +170,18 @@ def raw_ema(fa: list[torch.Tensor], fb: list[torch.Tensor], ia: list[torch.Tenso
     return step
 
 
-def sound_checks(model: nn.Module, sides: list[list[torch.Tensor]], *, metadata: bool = True) -> Fn:
+def tensor_guard(tensors: list[torch.Tensor]) -> Any:
+    """torch.compile's C++ guard over the dtype, device, shape and strides of `tensors`."""
+    from torch._C._dynamo.guards import TensorGuards
+
+    return TensorGuards(
+        *tensors,
+        dynamic_dims_sizes=[list(t.shape) for t in tensors],
+        dynamic_dims_strides=[list(t.stride()) for t in tensors],
+    )
+
+
+def sound_passes(model: nn.Module, sides: list[list[torch.Tensor]]) -> dict[str, Fn]:
     """The checks no sound reuse of a plan can skip, written with torch primitives only.
 
     Before a write into a live model, something must show that (1) the model still holds
@@ -181,8 +192,6 @@ def sound_checks(model: nn.Module, sides: list[list[torch.Tensor]], *, metadata:
     by ``t_()`` at the same address is no longer its slice). Each is one C-level pass.
     """
     from operator import is_
-
-    from torch._C._dynamo.guards import TensorGuards
 
     holders: list[dict[str, Any]] = []
     names: list[str] = []
@@ -195,25 +204,41 @@ def sound_checks(model: nn.Module, sides: list[list[torch.Tensor]], *, metadata:
             names += list(held)
             objects += list(held.values())
     size = sum(map(len, sized))
-    ptrs = [list(map(torch.Tensor.data_ptr, side)) for side in sides]
-    guards = [
-        TensorGuards(
-            *side,
-            dynamic_dims_sizes=[list(t.shape) for t in side],
-            dynamic_dims_strides=[list(t.stride()) for t in side],
+
+    def identity() -> None:
+        assert all(map(is_, map(dict.get, holders, names), objects))
+        assert sum(map(len, sized)) == size
+
+    passes = {"module entries": identity}
+    for i, side in enumerate(sides):
+        kept, guard = list(map(torch.Tensor.data_ptr, side)), tensor_guard(side)
+        passes[f"pointers {i + 1}"] = lambda s=side, k=kept: assert_(
+            list(map(torch.Tensor.data_ptr, s)) == k
         )
-        for side in sides
-    ]
+        passes[f"guard {i + 1}"] = lambda s=side, g=guard: assert_(g.check(*s))
+    return passes
+
+
+def assert_(ok: bool) -> None:
+    assert ok
+
+
+def sound_checks(model: nn.Module, sides: list[list[torch.Tensor]]) -> Fn:
+    """All of `sound_passes`, in order."""
+    passes = list(sound_passes(model, sides).values())
 
     def check() -> None:
-        ok = all(map(is_, map(dict.get, holders, names), objects))
-        ok = ok and sum(map(len, sized)) == size
-        for side, kept, guard in zip(sides, ptrs, guards, strict=True):
-            ok = ok and list(map(torch.Tensor.data_ptr, side)) == kept
-            ok = ok and guard.check(*side)
-        assert ok
+        for one in passes:
+            one()
 
     return check
+
+
+def pass_costs(model: nn.Module, sides: list[list[torch.Tensor]], repeats: int) -> None:
+    """Print what each pass of `sound_passes` costs alone (warm in cache)."""
+    t = measure(sound_passes(model, sides), repeats)
+    shown = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in t.items())
+    print(f"\nthe sound checks' passes, each alone (warm in cache): {shown}\n", flush=True)
 
 
 def checked(check: Fn, op: Fn) -> Fn:
@@ -278,6 +303,7 @@ def ema_rows(n: int, bn: int, repeats: int) -> None:
     row("ours (view once) against that floor", ms_(t["once"]), ms_(t["sound"]),
         t["once"] / t["sound"], None)  # fmt: skip
     churn_rows(model, ms, ema, step, repeats)
+    pass_costs(model, [lhs, rhs], repeats)
     packed_row(model, repeats)
     peer_rows(model, t, repeats)
 
@@ -386,14 +412,8 @@ def update_row(n: int, repeats: int) -> None:
         with torch.no_grad():
             torch._foreach_copy_(dsts, srcs)
 
-    from torch._C._dynamo.guards import TensorGuards
-
     dst_check = sound_checks(model, [dsts])
-    value_guard = TensorGuards(
-        *srcs,
-        dynamic_dims_sizes=[list(v.shape) for v in srcs],
-        dynamic_dims_strides=[list(v.stride()) for v in srcs],
-    )
+    value_guard = tensor_guard(srcs)
     dst_storages = {d.untyped_storage().data_ptr() for d in dsts}
 
     def values_check() -> None:
