@@ -185,31 +185,42 @@ def sound_passes(model: nn.Module, sides: list[list[torch.Tensor]]) -> dict[str,
     """The checks no sound reuse of a plan can skip, written with torch primitives only.
 
     Before a write into a live model, something must show that (1) the model still holds
-    the tensors planned for (one identity pass over every entry of every module's
-    parameter, buffer and child dicts, and a count of entries: anything added), and for
-    each side (2) that no tensor moved (one pass over data pointers) and (3) that dtype,
-    device, shape and strides are as checked (one C++ guard call: a packed tensor turned
-    by ``t_()`` at the same address is no longer its slice). Each is one C-level pass.
+    the tensors planned for (the version of every module's parameter, buffer and child dict
+    that holds something, which any change moves, and a count of entries: anything added
+    to an empty one; where this Python keeps no dict versions, one identity pass over every
+    entry instead), and for each side (2) that no tensor moved (one pass over data
+    pointers) and (3) that dtype, device, shape and strides are as checked (one C++ guard
+    call: a packed tensor turned by ``t_()`` at the same address is no longer its slice).
+    Each is one C-level pass.
     """
     from operator import is_
 
-    holders: list[dict[str, Any]] = []
-    names: list[str] = []
-    objects: list[object] = []
-    sized: list[dict[str, Any]] = []
-    for module in model.modules():
-        for held in (module._parameters, module._buffers, module._modules):
-            sized.append(held)
-            holders += [held] * len(held)
-            names += list(held)
-            objects += list(held.values())
-    size = sum(map(len, sized))
+    dicts = [
+        held
+        for module in model.modules()
+        for held in (module._parameters, module._buffers, module._modules)
+    ]
+    size = sum(map(len, dicts))
+    full = [held for held in dicts if held]
+    try:
+        from torch._C._dynamo.guards import dict_version
 
-    def identity() -> None:
-        assert all(map(is_, map(dict.get, holders, names), objects))
-        assert sum(map(len, sized)) == size
+        versions = list(map(dict_version, full))
 
-    passes = {"module entries": identity}
+        def entries() -> None:
+            assert sum(map(len, dicts)) == size
+            assert list(map(dict_version, full)) == versions
+
+    except ImportError:
+        holders = [held for held in full for _ in range(len(held))]
+        names = [name for held in full for name in held]
+        objects = [value for held in full for value in held.values()]
+
+        def entries() -> None:
+            assert sum(map(len, dicts)) == size
+            assert all(map(is_, map(dict.get, holders, names), objects))
+
+    passes = {"module entries": entries}
     for i, side in enumerate(sides):
         kept, guard = list(map(torch.Tensor.data_ptr, side)), tensor_guard(side)
         passes[f"pointers {i + 1}"] = lambda s=side, k=kept: assert_(
@@ -239,6 +250,65 @@ def pass_costs(model: nn.Module, sides: list[list[torch.Tensor]], repeats: int) 
     t = measure(sound_passes(model, sides), repeats)
     shown = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in t.items())
     print(f"\nthe sound checks' passes, each alone (warm in cache): {shown}\n", flush=True)
+
+
+def guard_tree(model: nn.Module) -> tuple[Any, tuple[dict[str, Any], ...]] | None:
+    """torch.compile's own C++ guard tree over `model`: for every module dict its length,
+    and for every entry its identity and, for a tensor, its metadata (dynamo has no guard
+    on data pointers). What fusing the checks in torch's C++ would look like; None where
+    this torch's private guard API differs."""
+    try:
+        from torch._C._dynamo.guards import RootGuardManager
+        from torch._dynamo.guards import GuardManagerType
+
+        kind = GuardManagerType.GUARD_MANAGER
+        dicts = tuple(
+            held
+            for module in model.modules()
+            for held in (module._parameters, module._buffers, module._modules)
+        )
+        root = RootGuardManager()
+        root.add_length_check_guard(len(dicts), ["dicts"], None)
+        for i, held in enumerate(dicts):
+            one = root.tuple_getitem_manager(i, f"d{i}", held, kind)
+            one.add_dict_length_check_guard(len(held), ["len"], None)
+            for name, value in held.items():
+                entry = one.dict_getitem_manager(name, f"d{i}.{name}", value, kind)
+                entry.add_id_match_guard(id(value), ["id"], None)
+                if isinstance(value, torch.Tensor):
+                    keys = torch._C._dispatch_keys(value)
+                    size, stride = list(value.size()), list(value.stride())
+                    entry.add_tensor_match_guard(
+                        value, size, stride, name, ["t"], None, type(value), keys
+                    )
+        if not root.check(dicts):
+            return None
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return None
+    return root, dicts
+
+
+def guard_tree_cost(model: nn.Module, side: list[torch.Tensor], repeats: int) -> None:
+    """Print what torch's C++ guard tree costs against the passes it would replace."""
+    built = guard_tree(model)
+    if built is None:
+        print("torch.compile's guard tree: skipped (this torch's private API differs)\n")
+        return
+    root, dicts = built
+    passes = sound_passes(model, [side])
+    t = measure(
+        {
+            "tree": lambda: assert_(root.check(dicts)),
+            "passes": lambda: (passes["module entries"](), passes["guard 1"]()),
+        },
+        repeats,
+    )
+    print(
+        "torch.compile's own C++ guard tree over the model's module entries and tensor "
+        f"metadata (no data pointers): {t['tree'] * 1e3:.2f} ms, against "
+        f"{t['passes'] * 1e3:.2f} ms for the passes it would fuse (warm in cache)\n",
+        flush=True,
+    )
 
 
 def checked(check: Fn, op: Fn) -> Fn:
@@ -304,6 +374,7 @@ def ema_rows(n: int, bn: int, repeats: int) -> None:
         t["once"] / t["sound"], None)  # fmt: skip
     churn_rows(model, ms, ema, step, repeats)
     pass_costs(model, [lhs, rhs], repeats)
+    guard_tree_cost(model, rhs, repeats)
     packed_row(model, repeats)
     peer_rows(model, t, repeats)
 
@@ -584,15 +655,18 @@ def io_rows(quick: bool, repeats: int) -> None:
 def scaling(counts: list[int], repeats: int) -> None:
     print(
         "\n| tensors | EMA step µs/tensor | raw lerp µs/tensor | EMA over raw µs/tensor "
+        "| sound floor over raw µs/tensor "
         "| update µs/tensor | raw copy µs/tensor | update over raw µs/tensor |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in counts:
         model = Tiny(n)
         ms = ModelState.new(model)
         ema = ms.clone()
         step = merges.ema(DECAY)
         floor = raw_ema(*float_lists(ema, ms))
+        sides = [list(ema.to_dict().values()), list(ms.to_dict().values())]
+        sound = checked(sound_checks(model, sides), floor)
         src = {k: v.detach().clone() for k, v in model.state_dict().items()}
         current = ms.to_dict()
         dsts = [current[k] for k in src]
@@ -606,6 +680,7 @@ def scaling(counts: list[int], repeats: int) -> None:
             {
                 "ema": lambda: ema.merge(ms, step),  # noqa: B023
                 "lerp": floor,
+                "sound": sound,
                 "update": lambda: ms.update(src),  # noqa: B023
                 "copy": raw_copy,
             },
@@ -614,7 +689,8 @@ def scaling(counts: list[int], repeats: int) -> None:
         per = {k: v / n * 1e6 for k, v in t.items()}
         print(
             f"| {n} | {per['ema']:.2f} | {per['lerp']:.2f} | {per['ema'] - per['lerp']:.2f} "
-            f"| {per['update']:.2f} | {per['copy']:.2f} | {per['update'] - per['copy']:.2f} |",
+            f"| {per['sound'] - per['lerp']:.2f} | {per['update']:.2f} | {per['copy']:.2f} "
+            f"| {per['update'] - per['copy']:.2f} |",
             flush=True,
         )
 

@@ -21,6 +21,10 @@ ROWS = [
     "standalone `tms.load(path)`",
     "CLI `merge` of 3",
     "| 2000 |",
+    "floor of a sound reused plan",
+    "the sound checks' passes",
+    "torch.compile's own C++ guard tree",
+    "sound floor over raw",
 ]
 
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 import torch_modelstate as tms
-from torch_modelstate import ModelState
+from torch_modelstate import ModelState, _guard
+from torch_modelstate._guard import DictGuard
 
 
 class Net(nn.Module):
@@ -38,6 +39,70 @@ X = torch.linspace(-1.0, 1.0, 12).reshape(4, 3)
 
 
 # --------------------------------------------------------------------------- staleness by identity
+
+
+MODES = pytest.mark.parametrize("versions", [True, False], ids=["dict versions", "identity"])
+
+
+@pytest.fixture
+def mode(monkeypatch: pytest.MonkeyPatch, versions: bool) -> None:
+    """DictGuards built in the test watch by dict version (True) or entry identity."""
+    if versions and not _guard._versions_work():
+        pytest.skip("this Python keeps no dict versions that torch can read")
+    monkeypatch.setattr(_guard, "_VERSIONS_WORK", [versions])
+
+
+def _dicts() -> tuple[dict[str, object], dict[str, object], dict[str, object]]:
+    return {"w": torch.zeros(1), "b": None}, {}, {"child": object()}
+
+
+CHANGES = {
+    "entry added to an empty dict": lambda d: d[1].__setitem__("x", 1),
+    "entry added": lambda d: d[0].__setitem__("x", 1),
+    "entry replaced": lambda d: d[0].__setitem__("w", torch.zeros(1)),
+    "None replaced": lambda d: d[0].__setitem__("b", torch.zeros(1)),
+    "entry set to None": lambda d: d[0].__setitem__("w", None),
+    "entry deleted": lambda d: d[2].pop("child"),
+    "None entry deleted": lambda d: d[0].pop("b"),
+    "one deleted, one added": lambda d: (d[2].pop("child"), d[1].__setitem__("c", 1)),
+    "renamed": lambda d: d[2].__setitem__("other", d[2].pop("child")),
+    "cleared": lambda d: d[0].clear(),
+}
+
+
+@MODES
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.usefixtures("mode")
+def test_a_dict_guard_sees_every_change_of_its_dicts(change: str) -> None:
+    dicts = _dicts()
+    guard = DictGuard(dicts)
+    assert guard.check()
+    CHANGES[change](dicts)
+    assert not guard.check()
+
+
+@MODES
+@pytest.mark.usefixtures("mode")
+def test_a_dict_guard_holds_through_reads_and_same_object_writes() -> None:
+    dicts = _dicts()
+    guard = DictGuard(dicts)
+    _ = [list(d.items()) for d in dicts], dicts[0].get("w"), "x" in dicts[1]
+    dicts[0]["w"] = dicts[0]["w"]  # the same object again: nothing changed
+    assert guard.check()
+
+
+def test_dict_versions_are_used_only_where_every_change_moves_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe refuses a version that stands still on a change, or moves on a read."""
+    assert _guard._probe_versions() == (_guard._dict_version is not None)
+    monkeypatch.setattr(_guard, "_dict_version", lambda d: 0)
+    assert not _guard._probe_versions()
+    reads = iter(range(10**6))
+    monkeypatch.setattr(_guard, "_dict_version", lambda d: next(reads))
+    assert not _guard._probe_versions()
+    monkeypatch.setattr(_guard, "_dict_version", lambda d: len(d))  # misses a replacement
+    assert not _guard._probe_versions()
 
 
 def test_child_replaced_through_modules_is_followed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_modelstate import ModelState
+from torch_modelstate import ModelState, _guard
 from torch_modelstate._index import index_module
 
 SLOTS = ("a", "b", "c")
@@ -100,6 +101,19 @@ def seen(ms: ModelState) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def dict_guard_mode(versions: bool) -> Iterator[None]:
+    """Indexes built inside watch module dicts by version (True) or by identity (False)."""
+    if versions and not _guard._versions_work():
+        pytest.skip("this Python keeps no dict versions that torch can read")
+    saved = list(_guard._VERSIONS_WORK)
+    _guard._VERSIONS_WORK[:] = [versions]
+    try:
+        yield
+    finally:
+        _guard._VERSIONS_WORK[:] = saved
+
+
 def walked(model: nn.Module) -> dict[str, Any]:
     index = index_module(model)
     return {
@@ -109,10 +123,19 @@ def walked(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("versions", [True, False], ids=["dict versions", "identity"])
 @given(st.lists(EDITS, max_size=8))
-def test_a_view_sees_what_a_fresh_walk_sees(edits: list[tuple[str, str, int]]) -> None:
+def test_a_view_sees_what_a_fresh_walk_sees(
+    versions: bool, edits: list[tuple[str, str, int]]
+) -> None:
     """After any edits, a view kept from before and a new view both equal a fresh walk,
-    and the keys are those of ``state_dict()``."""
+    and the keys are those of ``state_dict()``: with the module dicts watched by their
+    versions, and by the identity of every entry (where a Python keeps no versions)."""
+    with dict_guard_mode(versions):
+        check_edits(edits)
+
+
+def check_edits(edits: list[tuple[str, str, int]]) -> None:
     model = build()
     kept = ModelState.new(model)
     kept.to_dict()

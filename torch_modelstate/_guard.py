@@ -1,4 +1,7 @@
-"""A guard over the metadata of a list of tensors: what a kept check read, in one pass.
+"""Guards: what a kept check read, checked again in one pass.
+
+`Guard` watches the metadata of a list of tensors, `DictGuard` the entries of a list of dicts
+(a model's ``_parameters``, ``_buffers`` and ``_modules``).
 
 `Guard(tensors)` remembers each tensor's dtype, device, layout, shape, strides and the lazy
 conjugate / negative / inference bits; `check(tensors)` says whether a list of tensors
@@ -16,15 +19,16 @@ compares plain per-attribute passes, which see the same properties.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Guard", "plain"]
+__all__ = ["DictGuard", "Guard", "plain"]
 
 _PLAIN = frozenset({Tensor, torch.nn.Parameter, torch.nn.Buffer})
 _SIZE = Tensor.size
@@ -33,10 +37,15 @@ _FIELDS = attrgetter("dtype", "device", "layout")
 _BITS = (Tensor.is_conj, Tensor.is_neg, Tensor.is_inference)
 
 _TensorGuards: Any
+_dict_version: Any
 try:
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover - every torch this supports has it
     _TensorGuards = None
+try:
+    from torch._C._dynamo.guards import dict_version as _dict_version
+except ImportError:  # pragma: no cover - every torch this supports has it
+    _dict_version = None
 
 
 def plain(tensors: Sequence[object]) -> bool:
@@ -117,3 +126,93 @@ class Guard:
         if self._passes is None or not plain(tensors):
             return False
         return _passes(tensors) == self._passes
+
+
+_VERSIONS_WORK: list[bool] = []  # whether `_dict_version` sees every change (probed once)
+
+
+def _versions_work() -> bool:
+    """Whether this Python and torch give each dict a version that every change moves
+    (PEP 509's private version, read by torch.compile's guards) and a read does not."""
+    if not _VERSIONS_WORK:
+        _VERSIONS_WORK.append(_dict_version is not None and _probe_versions())
+    return _VERSIONS_WORK[0]
+
+
+def _probe_versions() -> bool:
+    probe: dict[str, object] = {"a": 1}
+    changes: tuple[Callable[[], object], ...] = (
+        lambda: probe.__setitem__("b", 2),
+        lambda: probe.__setitem__("b", object()),
+        lambda: probe.pop("b"),
+        lambda: probe.update(c=3),
+        lambda: probe.setdefault("d", 4),
+        lambda: probe.__delitem__("d"),
+        lambda: probe.popitem(),
+        lambda: probe.clear(),
+    )
+    try:
+        for change in changes:
+            before = _dict_version(probe)
+            _ = probe.get("a"), list(probe.items())
+            if _dict_version(probe) != before:
+                return False
+            change()
+            if _dict_version(probe) == before:
+                return False
+    except (TypeError, RuntimeError, SystemError):  # another torch's signature
+        return False
+    return True
+
+
+class DictGuard:
+    """The entries of a list of dicts, checked again in one pass (`check`): whether every
+    dict still holds exactly the objects it held (by identity), under the same keys.
+
+    Where this Python keeps a version for each dict that every change moves, the pass
+    compares the versions of the dicts that held something, and a count of entries (an
+    empty dict that gained one: 0.6 ms for a model of 4000 modules, where looking up every
+    entry costs 1.2); elsewhere it looks up every entry and compares identity. A dict
+    changed and changed back to the same objects may read as changed (by version), never
+    the other way. (A dict object replaced wholesale is not seen: the caller keeps the
+    dicts it watches.)
+
+    >>> held = {"w": 1}
+    >>> guard = DictGuard([held, {}])
+    >>> guard.check()
+    True
+    >>> held["w"] = 2
+    >>> guard.check()
+    False
+    """
+
+    __slots__ = ("_dicts", "_full", "_names", "_objects", "_size", "_versions")
+
+    def __init__(self, dicts: Sequence[dict[Any, Any]]) -> None:
+        self._dicts = list(dicts)
+        self._size = sum(map(len, self._dicts))
+        self._full = [held for held in self._dicts if held]
+        self._versions: list[int] | None = None
+        self._names: list[Any] = []
+        self._objects: list[object] = []
+        if _versions_work():
+            self._versions = list(map(_dict_version, self._full))
+            return
+        # Identity of every entry: `_full` repeated once per entry, with its names.
+        self._full = [held for held in self._full for _ in range(len(held))]
+        self._names = [name for held in self._dicts for name in held]
+        self._objects = [value for held in self._dicts for value in held.values()]
+
+    def check(self) -> bool:
+        """Whether every dict holds what it held when the guard was built."""
+        if sum(map(len, self._dicts)) != self._size:
+            return False
+        if self._versions is not None:
+            return list(map(_dict_version, self._full)) == self._versions
+        # Same count, and every entry still there by identity (a removed one reads as
+        # `_MISSING`, so an entry that held None is seen going too).
+        found = map(dict.get, self._full, self._names, repeat(_MISSING))
+        return all(map(is_, found, self._objects))
+
+
+_MISSING = object()

@@ -23,15 +23,14 @@ import difflib
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import repeat
-from operator import attrgetter, eq, is_
+from operator import attrgetter, eq
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from torch_modelstate._facts import Facts
-from torch_modelstate._guard import plain
+from torch_modelstate._guard import DictGuard, plain
 from torch_modelstate._tied_module import TransformTie, parameter_order, transform_ties_of
 from torch_modelstate._ties import Tie as Tie
 from torch_modelstate._ties import identity_sources
@@ -86,7 +85,8 @@ class Index:
         for tie in ties.values():
             if tie.fn is None:
                 self.by_key[tie.dest] = self.by_key[tie.source]
-        self._checks: tuple[Any, ...] | None = None
+        # What `is_current` compares: the module dicts' entries and non-persistent names.
+        self._checks: tuple[DictGuard, list[set[str]], list[set[str]]] | None = None
         # What write checks proved (`_facts`), built once `_full` more full checks have run
         # (one: the second plan builds them); `_backoff` grows while facts keep breaking
         # before they serve (metadata that changes every step), so they are rebuilt rarely.
@@ -124,17 +124,8 @@ class Index:
         checks = self._checks
         if checks is None:
             return True
-        holders, names, objects, empty_holders, empty_names, sized, size, np_sets, np_copies = (
-            checks
-        )
-        # Every entry still there, by identity (a removed one reads as None); entries that
-        # held None still there; so the total count is unchanged only if nothing was added.
-        return (
-            all(map(is_, map(dict.get, holders, names), objects))
-            and all(map(dict.__contains__, empty_holders, empty_names))
-            and sum(map(len, sized)) == size
-            and all(map(eq, np_sets, np_copies))
-        )
+        entries, np_sets, np_copies = checks
+        return entries.check() and all(map(eq, np_sets, np_copies))
 
     def facts(self) -> Facts | None:
         """The facts kept for this index's tensors, if they still hold (else None: the full
@@ -250,33 +241,16 @@ def index_module(root: nn.Module) -> Index:
     order: list[str] = []
     prefixes: dict[int, str] = {}
     pending: list[tuple[str, nn.Module, str, TransformTie]] = []
-    holders: list[dict[str, Any]] = []
-    names: list[str] = []
-    objects: list[object] = []
-    empty_holders: list[dict[str, Any]] = []
-    empty_names: list[str] = []
-    sized: list[dict[str, Any]] = []
+    watched: list[dict[str, Any]] = []
     np_sets: list[set[str]] = []
-
-    def watch(holder: dict[str, Any]) -> None:
-        for name, value in holder.items():
-            if value is None:
-                empty_holders.append(holder)
-                empty_names.append(name)
-        holders.extend(repeat(holder, len(holder)))
-        names.extend(holder)
-        objects.extend(holder.values())
 
     def visit(module: nn.Module, prefix: str) -> None:
         prefixes.setdefault(id(module), prefix)
         params, buffers, children = module._parameters, module._buffers, module._modules
         skip = module._non_persistent_buffers_set
-        sized.extend((params, buffers, children))
+        watched.extend((params, buffers, children))
         if buffers:  # without buffers, a change of persistence changes `_buffers` too
             np_sets.append(skip)
-        watch(params)
-        watch(buffers)
-        watch(children)
         tied = transform_ties_of(module)
         for name in parameter_order(module) if tied else params:
             record = tied.get(name)
@@ -317,19 +291,7 @@ def index_module(root: nn.Module) -> Index:
     index = Index(leaves, ties, [key for key in order if key not in orphans])
     index.orphans = orphans
     index._root = root
-    np_copies = [set(s) for s in np_sets]
-    size = sum(map(len, sized))
-    index._checks = (
-        holders,
-        names,
-        objects,
-        empty_holders,
-        empty_names,
-        sized,
-        size,
-        np_sets,
-        np_copies,
-    )
+    index._checks = (DictGuard(watched), np_sets, [set(s) for s in np_sets])
     return index
 
 
