@@ -182,7 +182,8 @@ class PairFacts:
     def prepared(self, lhs: Facts, rhs: Facts) -> Prepared:
         """What the kernels take (the right-hand groups: C-level `compress` passes)."""
         if self.packed and lhs.layout is not None and rhs.layout is not None:
-            return Prepared(flats=list(zip(lhs.layout.flats, rhs.layout.flats, strict=True)))
+            flats = zip(lhs.layout.flats(lhs.tensors), rhs.layout.flats(rhs.tensors), strict=True)
+            return Prepared(flats=list(flats))
         right = rhs.tensors
         groups = [(lhs_group, list(compress(right, mask))) for mask, lhs_group in self._groups]
         split = Split(groups, self._other_lhs, list(compress(right, self._others)))

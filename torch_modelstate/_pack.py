@@ -1,21 +1,29 @@
 """Packed storage: each (device, dtype) group of a state's tensors in one flat buffer.
 
 `pack` copies the values of every stored tensor of a group into one flat buffer and points
-the tensor at its slice (``tensor.data = flat[offset:offset + n].view(shape)``), so every
-parameter and buffer keeps its identity (optimizers, hooks and ``state_dict()`` see the
-same objects) while the group's bytes are contiguous. A `Layout` remembers each tensor's
-address and, per group, its first tensor and length; it hangs on the first tensor of the
-state (``_tms_pack``), so it lives as long as the tensors do. It holds no flat buffer: the
-tensors' views keep that memory alive, and `Layout.flats` rebuilds the buffers from it, so
-a packed model moved by ``.half()`` or ``.to()`` frees its old memory.
+the tensor at its slice (``tensor.data = flat.as_strided(shape, strides, offset)``, with the
+tensor's own strides when it is dense, as ``channels_last`` is), so every parameter and
+buffer keeps its identity (optimizers, hooks and ``state_dict()`` see the same objects)
+while the group's bytes are contiguous.
+
+Groups are by device and dtype, parameters apart from buffers. A `Layout` records where each
+tensor sits: per group its device, dtype and length; per tensor its group, offset, address,
+shape and strides. It holds no tensor and no buffer (the
+tensors' views keep the buffers' memory alive, and `Layout.flats` rebuilds the buffers from
+it), so a packed model moved by ``.half()`` or ``.to()`` frees its old memory, a deleted
+packed state is freed at once (no reference cycle), and copies and pickles of the tensors
+carry nothing of it. It is kept in a table keyed by the storage of the first packed
+tensor, next to a weak reference to that storage (a weak reference to the tensor would make
+``torch.utils.swap_tensors`` refuse it); entries whose storage died are dropped at the next
+`pack`.
 
 `flat_pairs` is the kernels' fast path: when both sides of an update or merge are packed
-states of one layout and still *intact* (each tensor is the object packed, and still a view
-of its flat buffer at its offset, with its dtype, shape and strides: a pass of ``data_ptr``
-and one of `_guard.Guard`), the write runs as one op
-per group on the flat buffers. Anything that replaces a tensor or its storage (``.to()``,
-``fully_shard``, ``load_state_dict(assign=True)``) breaks intactness and the per-tensor ops
-serve, with the same results.
+states of one layout and still *intact* (each tensor still a view of its flat buffer at its
+offset, with its dtype, shape and strides: a pass of ``data_ptr`` and one of
+`_guard.Guard`), the write runs as one op per group on the flat buffers. Anything that
+replaces a tensor or its storage (``.to()``, ``fully_shard``,
+``load_state_dict(assign=True)``) breaks intactness and the per-tensor ops serve, with the
+same results.
 
 >>> import torch
 >>> a, b = torch.zeros(2), torch.ones(3)
@@ -27,149 +35,207 @@ serve, with the same results.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import is_
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from torch_modelstate._guard import Guard
 
 __all__ = ["Layout", "flat_pairs", "layout_of", "pack"]
 
-_ATTR = "_tms_pack"
 _PLAIN = (Tensor, torch.nn.Parameter, torch.nn.Buffer)
+# The storage of the first packed tensor (its StorageImpl address) -> a weak reference to
+# it (while that holds, no other storage has the address) and the Layout.
+_LAYOUTS: dict[int, tuple[StorageWeakRef, Layout]] = {}
 
 
 class Layout:
-    """The packing of a list of tensors: per (device, dtype) group, a flat buffer."""
+    """Where `pack` put each tensor: its group (one flat buffer per device and dtype), its
+    offset there, its address, shape and strides."""
 
-    __slots__ = ("_dtypes", "_groups", "guard", "ptrs", "signature", "tensors")
+    __slots__ = ("_firsts", "_sizes", "guard", "members", "ptrs", "signature")
 
     def __init__(
-        self, tensors: list[Tensor], flats: list[Tensor], ptrs: list[int], firsts: list[int]
+        self,
+        tensors: list[Tensor],
+        members: list[list[int]],
+        places: list[tuple[int, int]],
     ) -> None:
-        self.tensors = tensors  # in the order packed (the state's key order)
-        self.ptrs = ptrs  # each tensor's expected data_ptr
-        # Per group: its first tensor (at offset 0 of the flat buffer), length and dtype. The
-        # flat buffers themselves are not held: their memory lives as long as the tensors
-        # view it, and `flats` rebuilds them from the first tensor's storage. (Held, a
-        # packed model moved by `.half()` or `.to()` would keep its old buffers alive.)
-        self._groups = [(i, f.numel(), f.dtype) for i, f in zip(firsts, flats, strict=True)]
-        # ...and its dtype, shape and contiguous strides: a view of its slice at the same
+        self.members = members  # per group, the indexes of its tensors in buffer order
+        self.ptrs = list(map(Tensor.data_ptr, tensors))  # each tensor's expected address
+        groups = [_group_of(tensors, group) for group in members]
+        # Per group: the member at offset 0 (the flat buffer is rebuilt from its storage)
+        # and the buffer's size in bytes.
+        self._firsts = [group[0] for group in members]
+        self._sizes = [numel * dtype.itemsize for _, dtype, numel in groups]
+        # The dtype, shape and strides of each tensor: a view of its slice at the same
         # address but transposed (`t_()`), expanded or of another dtype is not its slice.
         self.guard = Guard(tensors)
-        self._dtypes = [t.dtype for t in tensors]
+        # Two packings run as one op per group only if they match group for group and
+        # member for member (same group, offset, shape, strides).
         self.signature = (
-            tuple((f.device, f.dtype, f.numel()) for f in flats),
+            tuple(groups),
+            tuple(places),
             tuple(tuple(t.shape) for t in tensors),
+            tuple(t.stride() for t in tensors),
+            tuple(t.dtype for t in tensors),
         )
 
     def intact(self, tensors: Sequence[Tensor]) -> bool:
-        """Whether `tensors` are exactly the packed ones, each still the view of its slice
-        (same address, dtype, shape and strides)."""
+        """Whether each of `tensors` is still the view of its slice (same address, dtype,
+        shape and strides), and each group's first tensor still views the whole buffer."""
         if not (
-            len(tensors) == len(self.tensors)
-            and all(map(is_, tensors, self.tensors))
+            len(tensors) == len(self.ptrs)
             and list(map(Tensor.data_ptr, tensors)) == self.ptrs
-            and all(map(self._owns_group, self._groups))
+            and all(
+                self._owns_group(first, nbytes, tensors)
+                for first, nbytes in zip(self._firsts, self._sizes, strict=True)
+            )
         ):
             return False
         if self.guard.check(tensors):
             return True
         # The guard also sees what does not matter here (requires_grad after a freeze):
         # look at what does, and if it holds, guard the tensors as they are now.
-        if _views_of_slices(tensors, self.signature[1], self._dtypes):
+        if _views_of_slices(tensors, self.signature):
             self.guard = Guard(tensors)
             return True
         return False
 
-    def _owns_group(self, group: tuple[int, int, torch.dtype]) -> bool:
+    def _owns_group(self, first: int, nbytes: int, tensors: Sequence[Tensor]) -> bool:
         # The group's first tensor still views a storage that starts at it and spans the
         # whole group: the flat buffer (so `flats` cannot reach past it).
-        first, numel, dtype = group
-        storage = self.tensors[first].untyped_storage()
-        return storage.data_ptr() == self.ptrs[first] and storage.nbytes() == numel * (
-            dtype.itemsize
-        )
+        storage = tensors[first].untyped_storage()
+        return storage.data_ptr() == self.ptrs[first] and storage.nbytes() == nbytes
 
-    @property
-    def flats(self) -> list[Tensor]:
-        """The flat buffer of each group, in group order (views of the tensors' memory;
-        valid while `intact`)."""
+    def flats(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The flat buffer of each group, in group order (views of the memory of
+        `tensors`, which must be `intact`)."""
         out = []
-        for first, numel, dtype in self._groups:
-            storage = self.tensors[first].untyped_storage()
+        for first, (_, dtype, numel) in zip(self._firsts, self.signature[0], strict=True):
+            storage = tensors[first].untyped_storage()
             flat = torch.empty(0, dtype=dtype, device=storage.device)
             out.append(flat.set_(storage, 0, (numel,), (1,)))
         return out
 
 
-def _views_of_slices(
-    tensors: Sequence[Tensor], shapes: tuple[tuple[int, ...], ...], dtypes: list[torch.dtype]
-) -> bool:
+def _views_of_slices(tensors: Sequence[Tensor], signature: tuple[tuple[object, ...], ...]) -> bool:
+    _, _, shapes, strides, dtypes = signature
     return (
-        all(map(Tensor.is_contiguous, tensors))
-        and list(map(tuple, map(Tensor.size, tensors))) == list(shapes)
-        and [t.dtype for t in tensors] == dtypes
+        tuple(tuple(t.shape) for t in tensors) == shapes
+        and tuple(t.stride() for t in tensors) == strides
+        and tuple(t.dtype for t in tensors) == dtypes
         and not any(t.is_conj() or t.is_neg() for t in tensors)
     )
 
 
-def _packable(t: Tensor) -> bool:
-    plain = type(t) in _PLAIN
-    return plain and t.layout == torch.strided and t.device.type != "meta"
+def _refusal(t: object) -> str | None:
+    """Why `t` cannot be packed (None: it can)."""
+    if type(t) not in _PLAIN:
+        return f"a {type(t).__name__}"
+    assert isinstance(t, Tensor)
+    if t.layout != torch.strided:
+        return f"a tensor of layout {t.layout}"
+    if t.device.type == "meta":
+        return "a tensor on the meta device"
+    if t.is_quantized:
+        return f"a quantized tensor ({t.dtype})"
+    if t.is_inference():
+        return "an inference tensor (made under torch.inference_mode)"
+    return None
+
+
+def _group_of(tensors: list[Tensor], group: list[int]) -> tuple[torch.device, torch.dtype, int]:
+    first = tensors[group[0]]
+    return first.device, first.dtype, sum(tensors[i].numel() for i in group)
+
+
+def _grouping(tensors: list[Tensor]) -> list[list[int]]:
+    """The groups `pack` makes: by device and dtype, parameters apart from buffers (so a
+    buffer replaced by ``.half()``, and still held somewhere, holds no parameter memory)."""
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype, isinstance(t, torch.nn.Parameter)), []).append(i)
+    return list(groups.values())
+
+
+def _slot_strides(t: Tensor) -> tuple[int, ...]:
+    """The strides `t` gets in its slice: its own when it is dense (``channels_last``
+    included), else contiguous (a tensor with gaps or overlaps is packed dense)."""
+    return torch.empty_like(t, device="meta").stride()
 
 
 @torch.no_grad()
-def pack(tensors: list[Tensor]) -> Layout:
-    """Re-home `tensors` into one flat buffer per (device, dtype) group; identity kept.
+def pack(
+    tensors: list[Tensor], keys: Sequence[str] | None = None, like: Layout | None = None
+) -> Layout:
+    """Re-home `tensors` into one flat buffer per group (device, dtype, parameter or not);
+    identity kept. `like`: the layout of a state these are a copy of (same devices,
+    dtypes, shapes), repeated group for group, so the two run as one op per group.
 
     Raises ValueError (nothing changed) if a tensor cannot be packed: not strided, on the
-    meta device, a subclass (DTensor), or listed twice.
+    meta device, quantized, an inference tensor, a subclass (DTensor), or listed twice.
+    `keys` name the tensors in that message.
     """
-    bad = [i for i, t in enumerate(tensors) if not _packable(t)]
-    if bad or len(set(map(id, tensors))) != len(tensors):
-        what = "a tensor listed twice" if not bad else f"a {type(tensors[bad[0]]).__name__}"
-        msg = (
-            "pack: only plain strided tensors off the meta device, each once, can be packed.\n"
-            f"  got: {what}\n  fix: pack before fully_shard / after materialising the model"
-        )
-        raise ValueError(msg)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    flats: list[Tensor] = []
-    views: list[Tensor | None] = [None] * len(tensors)
-    for (device, dtype), members in groups.items():
-        total = sum(tensors[i].numel() for i in members)
-        flat = torch.empty(total, device=device, dtype=dtype)
-        offset = 0
-        for i in members:
-            t = tensors[i]
-            n = t.numel()
-            view = flat[offset : offset + n].view(t.shape)
-            view.copy_(t)
-            views[i] = view
-            offset += n
-        flats.append(flat)
-    for t, slot in zip(tensors, views, strict=True):
-        assert slot is not None
-        t.data = slot
-    firsts = [members[0] for members in groups.values()]
-    layout = Layout(list(tensors), flats, list(map(Tensor.data_ptr, tensors)), firsts)
+    names = list(keys) if keys is not None else [f"tensor {i}" for i in range(len(tensors))]
+    seen: dict[int, str] = {}
+    for name, t in zip(names, tensors, strict=True):
+        why = _refusal(t)
+        if why is None and id(t) in seen:
+            why = f"the tensor of `{seen[id(t)]}` again"
+        if why is not None:
+            msg = (
+                f"pack: `{name}` cannot be packed.\n"
+                "  expected: plain strided tensors off the meta device, each once\n"
+                f"  got: {why}\n"
+                "  fix: pack before fully_shard, after materialising the model, outside "
+                "inference mode; keep quantized or sparse tensors out of the state"
+            )
+            raise ValueError(msg)
+        seen[id(t)] = name
+    members = like.members if like is not None else _grouping(tensors)
+    places: list[tuple[int, int]] = [(0, 0)] * len(tensors)
+    views: list[Tensor] = list(tensors)
+    # Outside inference mode: the buffers must be normal tensors, as the ones they replace.
+    with torch.inference_mode(False):
+        for g, group in enumerate(members):
+            device, dtype, total = _group_of(tensors, group)
+            flat = torch.empty(total, device=device, dtype=dtype)
+            offset = 0
+            for i in group:
+                t = tensors[i]
+                view = flat.as_strided(t.shape, _slot_strides(t), offset)
+                view.copy_(t)
+                views[i] = view
+                places[i] = (g, offset)
+                offset += t.numel()
+        for t, slot in zip(tensors, views, strict=True):
+            t.data = slot
+    layout = Layout(tensors, members, places)
+    for key in [key for key, (ref, _) in _LAYOUTS.items() if _expired(ref)]:
+        del _LAYOUTS[key]
     if tensors:
-        setattr(tensors[0], _ATTR, layout)
+        storage = tensors[0].untyped_storage()
+        _LAYOUTS[storage._cdata] = (StorageWeakRef(storage), layout)  # type: ignore[no-untyped-call]
     return layout
+
+
+def _expired(ref: StorageWeakRef) -> bool:
+    return bool(ref.expired())  # type: ignore[no-untyped-call]
 
 
 def layout_of(tensors: Sequence[Tensor]) -> Layout | None:
     """The intact layout `tensors` were packed with, or None."""
     if not tensors:
         return None
-    layout = getattr(tensors[0], _ATTR, None)
-    if isinstance(layout, Layout) and layout.intact(tensors):
-        return layout
-    return None
+    try:
+        entry = _LAYOUTS.get(tensors[0].untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError):  # a subclass without plain storage
+        return None
+    if entry is None or _expired(entry[0]) or not entry[1].intact(tensors):
+        return None
+    return entry[1]
 
 
 def flat_pairs(lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]] | None:
@@ -180,4 +246,4 @@ def flat_pairs(lhs: Sequence[Tensor], rhs: Sequence[Tensor]) -> list[tuple[Tenso
     right = layout_of(rhs)
     if right is None or right is left or right.signature != left.signature:
         return None
-    return list(zip(left.flats, right.flats, strict=True))
+    return list(zip(left.flats(lhs), right.flats(rhs), strict=True))

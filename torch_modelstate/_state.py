@@ -181,8 +181,9 @@ class ModelState(Freezing, Tying, StateViews):
         tensors = [leaf.tensor for leaf in index.leaves]
         if dtype is None and target is None:
             cloned = _kernels.clone(tensors)
-            if _pack.layout_of(tensors) is not None:  # a packed state clones packed (speed)
-                _pack.pack(cloned)
+            layout = _pack.layout_of(tensors)
+            if layout is not None:  # a packed state clones packed alike (speed)
+                _pack.pack(cloned, like=layout)
         else:
             cloned = [_empty_copy(t, dtype, target) for t in tensors]
             if target is None or target.type != "meta":
@@ -221,7 +222,8 @@ class ModelState(Freezing, Tying, StateViews):
         >>> model[0].weight is weight, torch.equal(ema["0.weight"], weight)
         (True, True)
         """
-        _pack.pack([leaf.tensor for leaf in self._idx().leaves])
+        index = self._idx()
+        _pack.pack([leaf.tensor for leaf in index.leaves], index.keys)
         return self
 
     # ----------------------------------------------------------------- the index
