@@ -89,6 +89,11 @@ def test_a_dict_guard_holds_through_reads_and_same_object_writes() -> None:
     _ = [list(d.items()) for d in dicts], dicts[0].get("w"), "x" in dicts[1]
     dicts[0]["w"] = dicts[0]["w"]  # the same object again: nothing changed
     assert guard.check()
+    weight = dicts[0]["w"]
+    dicts[0]["w"] = torch.ones(1)  # swapped out and back, as a hook does around a forward
+    dicts[0]["w"] = weight
+    assert guard.check()
+    assert guard.check()  # (by version: the new version recorded)
 
 
 def test_dict_versions_are_used_only_where_every_change_moves_them(

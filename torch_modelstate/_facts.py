@@ -36,7 +36,6 @@ False
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
 from itertools import compress
 from operator import attrgetter, not_
 from typing import NamedTuple
@@ -48,7 +47,7 @@ from torch_modelstate import _pack
 from torch_modelstate._guard import Guard
 from torch_modelstate._kernels import Prepared, Split
 
-__all__ = ["Facts", "KeptUpdate", "PairFacts", "storage_ptrs"]
+__all__ = ["Facts", "KeptUpdate", "PairFacts"]
 
 _DATA_PTR = Tensor.data_ptr
 _STORAGE = Tensor.untyped_storage
@@ -57,11 +56,6 @@ _RESIZABLE = torch.UntypedStorage.resizable
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _IS_CPU = attrgetter("is_cpu")
-
-
-def storage_ptrs(tensors: Sequence[Tensor]) -> Iterator[int]:
-    """The storage pointer of each tensor (aliases are found by storage)."""
-    return map(_STORAGE_PTR, map(_STORAGE, tensors))
 
 
 class KeptUpdate(NamedTuple):
@@ -109,14 +103,20 @@ class Facts:
         self.dtypes = set(map(_DTYPE, tensors))
         self.all_cpu = all(map(_IS_CPU, tensors))
         self.layout = _pack.layout_of(tensors)
-        try:  # torch-allocated storage cannot become read-only under us
-            self.owned = all(map(_RESIZABLE, map(_STORAGE, tensors)))
+        # Storages now, while the signature holds: torch-allocated ones (`owned`) cannot
+        # become read-only under us, and start where their memory starts, so their start
+        # pointers find aliases exactly (`_memory`) as long as no tensor moves.
+        self._storages: frozenset[int] = frozenset()
+        try:
+            storages = list(map(_STORAGE, tensors))
+            self.owned = all(map(_RESIZABLE, storages))
+            # A zero-size tensor holds no bytes (its pointer is 0): it aliases nothing.
+            self._storages = frozenset(map(_STORAGE_PTR, storages)) - {0}
         except (RuntimeError, NotImplementedError):
             self.owned = False
         self.update: KeptUpdate | None = None
         self.served = 0  # calls these facts stood in for the checks (`Index.facts`)
         self.pair: PairFacts | None = None
-        self._storages: frozenset[int] | None = None
         self._floats: list[bool] | None = None
 
     def holds(self) -> bool:
@@ -130,10 +130,8 @@ class Facts:
         )
 
     def storages(self) -> frozenset[int]:
-        """The storage pointers of the tensors (aliases are found by storage)."""
-        if self._storages is None:
-            # A zero-size tensor holds no bytes (its pointer is 0): it aliases nothing.
-            self._storages = frozenset(storage_ptrs(self.tensors)) - {0}
+        """The start pointers of the tensors' storages, taken when these facts were built
+        (meaningful where `owned`: then they find aliases exactly)."""
         return self._storages
 
     def floats(self) -> list[bool]:
@@ -175,16 +173,25 @@ class PairFacts:
 
     @staticmethod
     def possible(lhs: Facts, rhs: Facts) -> bool:
-        """Whether the kernels can take the pairs as proven: no storage is shared between
-        the two sides (else the kernels copy the shared values first, every call)."""
-        return lhs.storages().isdisjoint(rhs.storages())
+        """Whether the kernels can take the pairs as proven: both sides in memory torch
+        allocated, and no storage shared between them (else the kernels copy the shared
+        values first, every call)."""
+        return lhs.owned and rhs.owned and lhs.storages().isdisjoint(rhs.storages())
 
     def prepared(self, lhs: Facts, rhs: Facts) -> Prepared:
         """What the kernels take (the right-hand groups: C-level `compress` passes)."""
-        if self.packed and lhs.layout is not None and rhs.layout is not None:
-            flats = zip(lhs.layout.flats(lhs.tensors), rhs.layout.flats(rhs.tensors), strict=True)
+        left, right = lhs.layout, rhs.layout
+        # `owns` each call: a storage re-homed at the same address passes the signatures.
+        if (
+            self.packed
+            and left is not None
+            and right is not None
+            and left.owns(lhs.tensors)
+            and right.owns(rhs.tensors)
+        ):
+            flats = zip(left.flats(lhs.tensors), right.flats(rhs.tensors), strict=True)
             return Prepared(flats=list(flats))
-        right = rhs.tensors
-        groups = [(lhs_group, list(compress(right, mask))) for mask, lhs_group in self._groups]
-        split = Split(groups, self._other_lhs, list(compress(right, self._others)))
+        values = rhs.tensors
+        groups = [(lhs_group, list(compress(values, mask))) for mask, lhs_group in self._groups]
+        split = Split(groups, self._other_lhs, list(compress(values, self._others)))
         return Prepared(split=split)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from itertools import repeat
-from operator import attrgetter, is_
+from itertools import compress, repeat
+from operator import attrgetter, is_, ne
 from typing import Any
 
 import torch
@@ -171,11 +171,12 @@ class DictGuard:
 
     Where this Python keeps a version for each dict that every change moves, the pass
     compares the versions of the dicts that held something, and a count of entries (an
-    empty dict that gained one: 0.6 ms for a model of 4000 modules, where looking up every
-    entry costs 1.2); elsewhere it looks up every entry and compares identity. A dict
-    changed and changed back to the same objects may read as changed (by version), never
-    the other way. (A dict object replaced wholesale is not seen: the caller keeps the
-    dicts it watches.)
+    empty dict that gained one): 0.6 ms for a model of 4000 modules, where looking up every
+    entry costs 1.2. A dict whose version moved is then compared entry by entry with what it
+    held, and if it holds the same objects (a buffer swapped out and back by a hook, an
+    attribute assigned its own value) its new version is recorded. Elsewhere every entry is
+    looked up and compared by identity. (A dict object replaced wholesale is not seen: the
+    caller keeps the dicts it watches.)
 
     >>> held = {"w": 1}
     >>> guard = DictGuard([held, {}])
@@ -186,17 +187,22 @@ class DictGuard:
     False
     """
 
-    __slots__ = ("_dicts", "_full", "_names", "_objects", "_size", "_versions")
+    __slots__ = ("_dicts", "_full", "_keys", "_names", "_objects", "_size", "_values", "_versions")
 
     def __init__(self, dicts: Sequence[dict[Any, Any]]) -> None:
         self._dicts = list(dicts)
         self._size = sum(map(len, self._dicts))
         self._full = [held for held in self._dicts if held]
         self._versions: list[int] | None = None
+        self._keys: list[tuple[Any, ...]] = []
+        self._values: list[tuple[Any, ...]] = []
         self._names: list[Any] = []
         self._objects: list[object] = []
         if _versions_work():
             self._versions = list(map(_dict_version, self._full))
+            # What each dict held, compared where its version moves.
+            self._keys = [tuple(held) for held in self._full]
+            self._values = [tuple(held.values()) for held in self._full]
             return
         # Identity of every entry: `_full` repeated once per entry, with its names.
         self._full = [held for held in self._full for _ in range(len(held))]
@@ -208,11 +214,23 @@ class DictGuard:
         if sum(map(len, self._dicts)) != self._size:
             return False
         if self._versions is not None:
-            return list(map(_dict_version, self._full)) == self._versions
+            now = list(map(_dict_version, self._full))
+            return now == self._versions or self._same_where_moved(now)
         # Same count, and every entry still there by identity (a removed one reads as
         # `_MISSING`, so an entry that held None is seen going too).
         found = map(dict.get, self._full, self._names, repeat(_MISSING))
         return all(map(is_, found, self._objects))
+
+    def _same_where_moved(self, now: list[int]) -> bool:
+        """Whether each dict whose version moved holds the same objects under the same
+        keys as before (then its new version is recorded)."""
+        assert self._versions is not None
+        for i in compress(range(len(now)), map(ne, now, self._versions)):
+            held = self._full[i]
+            if tuple(held) != self._keys[i] or not all(map(is_, held.values(), self._values[i])):
+                return False
+        self._versions = now
+        return True
 
 
 _MISSING = object()

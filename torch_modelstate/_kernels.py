@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
-from torch_modelstate import _chunks, _distributed, _pack
+from torch_modelstate import _chunks, _distributed, _memory, _pack
 
 NonFloat: TypeAlias = Literal["rhs", "lhs"]
 
@@ -38,8 +38,6 @@ _GroupKey: TypeAlias = tuple[torch.device, torch.dtype, torch.device, torch.dtyp
 
 _IS_CPU = attrgetter("is_cpu")
 _IS_VIEW = Tensor._is_view
-_STORAGE = Tensor.untyped_storage
-_STORAGE_PTR = torch.UntypedStorage.data_ptr
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 
@@ -77,33 +75,25 @@ def _unaliased(dsts: list[Tensor], srcs: list[Tensor]) -> list[Tensor]:
 
     ``update({"a": b, "b": a})`` must read both values before writing either, and
     ``update({"w": w.t()})`` must not copy a tensor onto a transposed view of itself. The
-    check is cheap unless a source shares storage with a destination;
-    then sources sharing storage with a destination are copied first, except a source that
-    is exactly the view it is written to. Aliases are found by storage, so ``t.detach()``,
-    ``t.data`` and ``state_dict()`` values of another destination count too. The pre-check is
-    C-level: storage pointers of both sides, compared as sets.
+    check is cheap unless a source shares storage with a destination (`_memory.shared`:
+    C-level passes over storage pointers, byte ranges where memory torch did not allocate
+    takes part); then sources sharing storage with a destination are copied first, except a
+    source that is exactly the view it is written to. Aliases are found by storage, so
+    ``t.detach()``, ``t.data`` and ``state_dict()`` values of another destination count too.
     """
     try:
-        ptrs = set(map(_STORAGE_PTR, map(_STORAGE, dsts)))
-        if ptrs.isdisjoint(map(_STORAGE_PTR, map(_STORAGE, srcs))):
-            return srcs
-    except (RuntimeError, NotImplementedError):  # a subclass without plain storage
-        if set(map(id, dsts)).isdisjoint(map(id, srcs)) and not any(map(_IS_VIEW, srcs)):
-            return srcs
-    writes: dict[int, list[int]] = {}
-    for i, d in enumerate(dsts):
-        writes.setdefault(_storage(d), []).append(i)
+        hits = _memory.shared(dsts, srcs)
+    except (RuntimeError, NotImplementedError):  # a subclass without plain storage:
+        written = set(map(id, dsts))  # copy each source that is a destination or a view
+        return [s.clone() if id(s) in written or s._is_view() else s for s in srcs]
+    if hits is None:
+        return srcs
     out = []
-    for i, s in enumerate(srcs):
-        hits = writes.get(_storage(s))
+    for i, (s, found) in enumerate(zip(srcs, hits, strict=True)):
         d = dsts[i]
-        same_view = hits == [i] and (s.data_ptr(), s.stride()) == (d.data_ptr(), d.stride())
-        out.append(s.clone() if hits and not same_view else s)
+        same_view = found == [i] and (s.data_ptr(), s.stride()) == (d.data_ptr(), d.stride())
+        out.append(s.clone() if found and not same_view else s)
     return out
-
-
-def _storage(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
 
 
 class Split(NamedTuple):

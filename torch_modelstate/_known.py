@@ -27,19 +27,24 @@ from __future__ import annotations
 from operator import attrgetter, is_
 from typing import TypeAlias
 
+import torch
 from torch import Tensor, nn
 
 from torch_modelstate import _distributed
-from torch_modelstate._facts import KeptUpdate, PairFacts, storage_ptrs
+from torch_modelstate._facts import KeptUpdate, PairFacts
 from torch_modelstate._guard import Guard, plain
 from torch_modelstate._index import Index
 from torch_modelstate._kernels import Prepared
+from torch_modelstate._memory import starts
 from torch_modelstate._writable import check_arithmetic
 from torch_modelstate.merges import Merge
 
 __all__ = ["keep_merge", "keep_update", "merge", "update"]
 
 _IS_CPU = attrgetter("is_cpu")
+_STORAGE = Tensor.untyped_storage
+_START = torch.UntypedStorage.data_ptr
+_RESIZABLE = torch.UntypedStorage.resizable
 
 Pairs: TypeAlias = "tuple[list[Tensor], list[Tensor], Prepared | None]"
 
@@ -91,8 +96,14 @@ def update(
     if not kept.guard.check(given):  # a non-tensor, or shaped unlike the last values
         return None
     _distributed.check_sharded(module, "update")
-    if not facts.storages().isdisjoint(storage_ptrs(given)):
-        return None  # a value shares memory with a destination: the kernels copy it first
+    storages = list(map(_STORAGE, given))
+    if not all(map(_RESIZABLE, storages)):
+        return None  # memory torch did not allocate: aliases are found by byte ranges
+    found = list(map(_START, storages))
+    if 0 in found or not facts.storages().isdisjoint(found):
+        # A zero-size value or a freed storage (the full checks tell which), or a value
+        # that shares memory with a destination (the kernels copy it first).
+        return None
     return keys, kept.dsts, given, kept.prepared
 
 
@@ -113,7 +124,9 @@ def keep_update(
     if not plain(srcs) or not _as_given(values, keys, srcs):
         return
     all_cpu = facts.all_cpu and all(map(_IS_CPU, srcs))
-    if not facts.storages().isdisjoint(storage_ptrs(srcs)):
+    if not all(map(_RESIZABLE, map(_STORAGE, srcs))):
+        return
+    if not facts.storages().isdisjoint(starts(srcs)):
         return
     prepared = Prepared() if all_cpu else None
     facts.update = KeptUpdate(keys, dsts, Guard(srcs), prepared)

@@ -88,10 +88,7 @@ class Layout:
         if not (
             len(tensors) == len(self.ptrs)
             and list(map(Tensor.data_ptr, tensors)) == self.ptrs
-            and all(
-                self._owns_group(first, nbytes, tensors)
-                for first, nbytes in zip(self._firsts, self._sizes, strict=True)
-            )
+            and self.owns(tensors)
         ):
             return False
         if self.guard.check(tensors):
@@ -103,11 +100,16 @@ class Layout:
             return True
         return False
 
-    def _owns_group(self, first: int, nbytes: int, tensors: Sequence[Tensor]) -> bool:
-        # The group's first tensor still views a storage that starts at it and spans the
-        # whole group: the flat buffer (so `flats` cannot reach past it).
-        storage = tensors[first].untyped_storage()
-        return storage.data_ptr() == self.ptrs[first] and storage.nbytes() == nbytes
+    def owns(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether each group's first tensor still views a storage that starts at it and
+        spans the whole group: the flat buffer (so `flats` cannot reach past it). Not seen
+        by a tensor's address and metadata: ``p.data = torch.from_dlpack(p.data)`` gives it
+        a storage of its own over the same memory."""
+        for first, nbytes in zip(self._firsts, self._sizes, strict=True):
+            storage = tensors[first].untyped_storage()
+            if storage.data_ptr() != self.ptrs[first] or storage.nbytes() != nbytes:
+                return False
+        return True
 
     def flats(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The flat buffer of each group, in group order (views of the memory of

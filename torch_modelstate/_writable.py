@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from torch_modelstate import _distributed
+from torch_modelstate._memory import check_extents
 from torch_modelstate.merges import Merge
 
 __all__ = [
@@ -102,6 +103,7 @@ def check_values(
                     "  fix: materialise it first (e.g. load real values into it)"
                 )
                 raise TypeError(msg)
+    check_extents(verb, keys, values, f"the {side} for ")
     dtypes = set(map(_DTYPE, values))
     if any(dtype.is_complex for dtype in dtypes):
         for key, value, target in zip(keys, values, targets, strict=True):
@@ -223,6 +225,7 @@ def check_destinations(
                     "buffer.clone() instead of an expanded view)"
                 )
                 raise ValueError(msg)
+    check_extents(verb, keys, dsts, "")
     try:  # one C-level pass; torch-allocated storage is writable
         owned = all(map(_RESIZABLE, map(_STORAGE, dsts)))
     except (RuntimeError, NotImplementedError):  # a subclass (a DTensor) without plain storage
