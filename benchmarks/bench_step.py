@@ -486,13 +486,18 @@ def update_row(n: int, repeats: int) -> None:
     dst_check = sound_checks(model, [dsts])
     value_guard = tensor_guard(srcs)
     dst_storages = {d.untyped_storage().data_ptr() for d in dsts}
+    storage_of = torch.Tensor.untyped_storage
+    resizable, start = torch.UntypedStorage.resizable, torch.UntypedStorage.data_ptr
 
     def values_check() -> None:
-        # New values each call: their metadata (one guard call) and their memory against
-        # the destinations' (one pass over storage pointers) must be looked at every time.
+        # New values each call: their metadata (one guard call), and their memory against
+        # the destinations' (storage start pointers, exact for memory torch allocated: one
+        # pass to tell that it did, one over the pointers) must be looked at every time.
         fresh = list(src.values())
         assert value_guard.check(*fresh)
-        assert dst_storages.isdisjoint(v.untyped_storage().data_ptr() for v in fresh)
+        storages = list(map(storage_of, fresh))
+        assert all(map(resizable, storages))
+        assert dst_storages.isdisjoint(map(start, storages))
 
     sound = checked(dst_check, checked(values_check, raw))
     t = measure({"ours": lambda: ms.update(src), "raw": raw, "sound": sound}, repeats)

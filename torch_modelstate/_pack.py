@@ -6,16 +6,16 @@ tensor's own strides when it is dense, as ``channels_last`` is), so every parame
 buffer keeps its identity (optimizers, hooks and ``state_dict()`` see the same objects)
 while the group's bytes are contiguous.
 
-Groups are by device and dtype, parameters apart from buffers. A `Layout` records where each
-tensor sits: per group its device, dtype and length; per tensor its group, offset, address,
-shape and strides. It holds no tensor and no buffer (the
+A `Layout` records where each tensor sits: per group its device, dtype and length; per
+tensor its group, offset, address, shape and strides. It holds no tensor and no buffer (the
 tensors' views keep the buffers' memory alive, and `Layout.flats` rebuilds the buffers from
-it), so a packed model moved by ``.half()`` or ``.to()`` frees its old memory, a deleted
-packed state is freed at once (no reference cycle), and copies and pickles of the tensors
-carry nothing of it. It is kept in a table keyed by the storage of the first packed
-tensor, next to a weak reference to that storage (a weak reference to the tensor would make
-``torch.utils.swap_tensors`` refuse it); entries whose storage died are dropped at the next
-`pack`.
+it), so a packed model moved by ``.half()`` or ``.to()`` frees its old memory (its old
+buffers once the index kept with the model is renewed), a deleted packed state is freed at
+once (no reference cycle), and copies and pickles of the tensors carry nothing of it. It
+is kept in a table keyed by the storage of the first packed tensor, next to a weak
+reference to that storage (a weak reference to the tensor would make
+``torch.utils.swap_tensors`` refuse it); entries whose storage died are dropped at the
+next `pack`.
 
 `flat_pairs` is the kernels' fast path: when both sides of an update or merge are packed
 states of one layout and still *intact* (each tensor still a view of its flat buffer at its
@@ -154,11 +154,10 @@ def _group_of(tensors: list[Tensor], group: list[int]) -> tuple[torch.device, to
 
 
 def _grouping(tensors: list[Tensor]) -> list[list[int]]:
-    """The groups `pack` makes: by device and dtype, parameters apart from buffers (so a
-    buffer replaced by ``.half()``, and still held somewhere, holds no parameter memory)."""
-    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    """The groups `pack` makes: one per device and dtype, in order of first appearance."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype, isinstance(t, torch.nn.Parameter)), []).append(i)
+        groups.setdefault((t.device, t.dtype), []).append(i)
     return list(groups.values())
 
 
@@ -172,9 +171,9 @@ def _slot_strides(t: Tensor) -> tuple[int, ...]:
 def pack(
     tensors: list[Tensor], keys: Sequence[str] | None = None, like: Layout | None = None
 ) -> Layout:
-    """Re-home `tensors` into one flat buffer per group (device, dtype, parameter or not);
-    identity kept. `like`: the layout of a state these are a copy of (same devices,
-    dtypes, shapes), repeated group for group, so the two run as one op per group.
+    """Re-home `tensors` into one flat buffer per (device, dtype) group; identity kept.
+    `like`: the layout of a state these are a copy of (same devices, dtypes, shapes),
+    repeated group for group, so the two run as one op per group.
 
     Raises ValueError (nothing changed) if a tensor cannot be packed: not strided, on the
     meta device, quantized, an inference tensor, a subclass (DTensor), or listed twice.
