@@ -328,3 +328,41 @@ def test_a_shallow_copy_does_not_use_its_originals_index() -> None:
     twin._modules["b"] = nn.Linear(3, 2)
     assert ModelState.new(twin)["b.weight"] is twin.b.weight
     assert ModelState.new(model)["b.weight"] is model.b.weight
+
+
+# --------------------------------------------------------------------------- stale kept indexes
+
+
+def test_a_stale_kept_index_is_dropped_at_the_next_full_collection() -> None:
+    """The index kept with a model holds its tensors. After `load_state_dict(assign=True)`
+    replaced them, the old ones go at the next ModelState call or at the next
+    `gc.collect()`, whichever comes first; a current index stays."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    model = nn.Linear(64, 64)
+    ModelState.new(model).freeze("bias")
+    old = StorageWeakRef(model.weight.untyped_storage())
+    fresh = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)
+    gc.collect()
+    assert old.expired()
+    other = nn.Linear(2, 2)
+    index = ModelState.new(other)._idx()
+    gc.collect()
+    assert ModelState.new(other)._idx() is index
+
+
+def test_a_model_whose_class_defines_eq_keeps_its_index() -> None:
+    """Kept indexes are tracked by id: a module class that defines __eq__ (and so has no
+    hash) is viewed as any other."""
+
+    class Compared(nn.Linear):
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Compared) and self.in_features == other.in_features
+
+    model = Compared(2, 2)
+    ms = ModelState.new(model)
+    assert ms._idx() is ModelState.new(model)._idx()
+    assert list(ms.to_dict()) == ["weight", "bias"]

@@ -10,9 +10,9 @@ A `Layout` records where each tensor sits: per group its device, dtype and lengt
 tensor its group, offset, address, shape and strides. It holds no tensor and no buffer (the
 tensors' views keep the buffers' memory alive, and `Layout.flats` rebuilds the buffers from
 it), so a packed model moved by ``.half()`` or ``.to()`` frees its old memory (its old
-buffers once the index kept with the model is renewed), a deleted packed state is freed at
-once (no reference cycle), and copies and pickles of the tensors carry nothing of it. It
-is kept in a table keyed by the storage of the first packed tensor, next to a weak
+buffers once the index kept with the model is renewed or dropped), a deleted packed state
+is freed at once (no reference cycle), and copies and pickles of the tensors carry nothing
+of it. It is kept in a table keyed by the storage of the first packed tensor, next to a weak
 reference to that storage (a weak reference to the tensor would make
 ``torch.utils.swap_tensors`` refuse it); entries whose storage died are dropped at the
 next `pack`.
