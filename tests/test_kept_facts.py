@@ -676,7 +676,15 @@ class _TiedLM(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "case", ["tied", "fp32_of_bf16", "zero_size", "ordered_dict_update", "other_ms_update"]
+    "case",
+    [
+        "tied",
+        "fp32_of_bf16",
+        "zero_size",
+        "ordered_dict_update",
+        "zero_size_update",
+        "other_ms_update",
+    ],
 )
 def test_common_repeated_steps_reach_the_warm_path(case, monkeypatch):
     """Tied embeddings, an fp32 EMA of a bf16 model, a zero-size buffer, an update from
@@ -689,15 +697,17 @@ def test_common_repeated_steps_reach_the_warm_path(case, monkeypatch):
     model: nn.Module = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)) if untied else _TiedLM()
     if case == "fp32_of_bf16":
         model = model.bfloat16()
-    if case == "zero_size":
+    if case.startswith("zero_size"):
         model.register_buffer("empty", torch.zeros(0))
     ms = ModelState.new(model)
     if untied:
         source = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        if case == "zero_size_update":
+            source.register_buffer("empty", torch.zeros(0))
         src_ms = ModelState.new(source)
 
         def run() -> None:
-            if case == "ordered_dict_update":
+            if case in ("ordered_dict_update", "zero_size_update"):
                 ms.update(source.state_dict())
             else:
                 ms.update(src_ms)

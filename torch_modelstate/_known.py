@@ -100,9 +100,10 @@ def update(
     if not all(map(_RESIZABLE, storages)):
         return None  # memory torch did not allocate: aliases are found by byte ranges
     found = list(map(_START, storages))
-    if 0 in found or not facts.storages().isdisjoint(found):
-        # A zero-size value or a freed storage (the full checks tell which), or a value
-        # that shares memory with a destination (the kernels copy it first).
+    # The guard kept the shapes, so as many values are empty as last time: another storage
+    # at 0 was freed (the full checks refuse it). A value that shares memory with a
+    # destination is copied first by the kernels.
+    if found.count(0) != kept.empty or not facts.storages().isdisjoint(found):
         return None
     return keys, kept.dsts, given, kept.prepared
 
@@ -129,7 +130,8 @@ def keep_update(
     if not facts.storages().isdisjoint(starts(srcs)):
         return
     prepared = Prepared() if all_cpu else None
-    facts.update = KeptUpdate(keys, dsts, Guard(srcs), prepared)
+    empty = list(starts(srcs)).count(0)
+    facts.update = KeptUpdate(keys, dsts, Guard(srcs), empty, prepared)
 
 
 def _as_given(values: dict[str, object], keys: list[str], srcs: list[Tensor]) -> bool:
