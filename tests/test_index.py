@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 from pathlib import Path
 
@@ -333,12 +334,10 @@ def test_a_shallow_copy_does_not_use_its_originals_index() -> None:
 # --------------------------------------------------------------------------- stale kept indexes
 
 
-def test_a_stale_kept_index_is_dropped_at_the_next_full_collection() -> None:
+def test_a_stale_kept_index_is_dropped_by_the_next_view() -> None:
     """The index kept with a model holds its tensors. After `load_state_dict(assign=True)`
-    replaced them, the old ones go at the next ModelState call or at the next
-    `gc.collect()`, whichever comes first; a current index stays."""
-    import gc
-
+    replaced them, the next ModelState call on the model drops the stale index, and the
+    old tensors go; a current index stays."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     model = nn.Linear(64, 64)
@@ -346,17 +345,15 @@ def test_a_stale_kept_index_is_dropped_at_the_next_full_collection() -> None:
     old = StorageWeakRef(model.weight.untyped_storage())
     fresh = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     model.load_state_dict(fresh, assign=True)
+    index = ModelState.new(model)._idx()
     gc.collect()
     assert old.expired()
-    other = nn.Linear(2, 2)
-    index = ModelState.new(other)._idx()
-    gc.collect()
-    assert ModelState.new(other)._idx() is index
+    assert ModelState.new(model)._idx() is index
 
 
 def test_a_model_whose_class_defines_eq_keeps_its_index() -> None:
-    """Kept indexes are tracked by id: a module class that defines __eq__ (and so has no
-    hash) is viewed as any other."""
+    """A module class that defines __eq__ (and so has no hash) keeps its index as any
+    other."""
 
     class Compared(nn.Linear):
         def __eq__(self, other: object) -> bool:
@@ -366,3 +363,43 @@ def test_a_model_whose_class_defines_eq_keeps_its_index() -> None:
     ms = ModelState.new(model)
     assert ms._idx() is ModelState.new(model)._idx()
     assert list(ms.to_dict()) == ["weight", "bias"]
+
+
+def test_a_full_collection_does_not_change_a_models_dict_under_iteration() -> None:
+    """A garbage collection changes nothing of a model, even with a stale kept index (a
+    callback that dropped stale indexes at full collections was tried and removed: it
+    changed ``vars(model)`` under code iterating it)."""
+    model = nn.Linear(3, 3)
+    ModelState.new(model).to_dict()
+    model.load_state_dict({"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}, assign=True)
+    names = []
+    for name in vars(model):  # e.g. a walker that allocates while it goes
+        names.append(name)
+        gc.collect()
+    assert "_parameters" in names
+
+
+def test_identity_mode_sees_a_parameter_reordered_in_its_dict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where dict versions are unavailable (`_VERSIONS_WORK` False: the identity pass),
+    ``m._parameters["weight"] = m._parameters.pop("weight")`` keeps every object and the
+    count, so the index stays "current" with the old order. With versions the moved dict
+    is compared key by key and the index is rebuilt. Both modes (the `_index`
+    invariant: keys of a current index are exactly those a fresh walk gives):
+    ``list(ms.to_dict()) == list(model.state_dict())`` == ["bias", "weight"].
+    (Before: ["weight", "bias"] in identity mode.)"""
+    monkeypatch.setattr(_guard, "_VERSIONS_WORK", [False])
+    model = nn.Linear(2, 2)
+    ms = ModelState.new(model)
+    assert list(ms.to_dict()) == ["weight", "bias"]
+    model._parameters["weight"] = model._parameters.pop("weight")
+    assert list(ms.to_dict()) == list(model.state_dict()) == ["bias", "weight"]
+
+
+def test_dict_versions_are_not_used_without_the_gil(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a free-threaded build torch keeps dict versions in a map other threads may change
+    under a read: the identity pass serves there."""
+    monkeypatch.setattr(_guard, "_VERSIONS_WORK", [])
+    monkeypatch.setattr(_guard.sys, "_is_gil_enabled", lambda: False, raising=False)
+    assert not _guard._versions_work()

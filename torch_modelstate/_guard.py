@@ -19,9 +19,10 @@ compares plain per-attribute passes, which see the same properties.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from itertools import compress, repeat
+from itertools import chain, compress
 from operator import attrgetter, is_, ne
 from typing import Any
 
@@ -135,7 +136,10 @@ def _versions_work() -> bool:
     """Whether this Python and torch give each dict a version that every change moves
     (PEP 509's private version, read by torch.compile's guards) and a read does not."""
     if not _VERSIONS_WORK:
-        _VERSIONS_WORK.append(_dict_version is not None and _probe_versions())
+        # Without the GIL (free-threaded builds) torch keeps versions in a map that other
+        # threads may change under a read: not used there.
+        gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+        _VERSIONS_WORK.append(_dict_version is not None and gil and _probe_versions())
     return _VERSIONS_WORK[0]
 
 
@@ -175,8 +179,8 @@ class DictGuard:
     entry costs 1.2. A dict whose version moved is then compared entry by entry with what it
     held, and if it holds the same objects (a buffer swapped out and back by a hook, an
     attribute assigned its own value) its new version is recorded. Elsewhere every entry is
-    looked up and compared by identity. (A dict object replaced wholesale is not seen: the
-    caller keeps the dicts it watches.)
+    compared: its keys in order, and its objects by identity. (A dict object replaced
+    wholesale is not seen: the caller keeps the dicts it watches.)
 
     >>> held = {"w": 1}
     >>> guard = DictGuard([held, {}])
@@ -187,27 +191,17 @@ class DictGuard:
     False
     """
 
-    __slots__ = ("_dicts", "_full", "_keys", "_names", "_objects", "_size", "_values", "_versions")
+    __slots__ = ("_dicts", "_full", "_keys", "_objects", "_size", "_values", "_versions")
 
     def __init__(self, dicts: Sequence[dict[Any, Any]]) -> None:
         self._dicts = list(dicts)
         self._size = sum(map(len, self._dicts))
         self._full = [held for held in self._dicts if held]
-        self._versions: list[int] | None = None
-        self._keys: list[tuple[Any, ...]] = []
-        self._values: list[tuple[Any, ...]] = []
-        self._names: list[Any] = []
-        self._objects: list[object] = []
-        if _versions_work():
-            self._versions = list(map(_dict_version, self._full))
-            # What each dict held, compared where its version moves.
-            self._keys = [tuple(held) for held in self._full]
-            self._values = [tuple(held.values()) for held in self._full]
-            return
-        # Identity of every entry: `_full` repeated once per entry, with its names.
-        self._full = [held for held in self._full for _ in range(len(held))]
-        self._names = [name for held in self._dicts for name in held]
-        self._objects = [value for held in self._dicts for value in held.values()]
+        # What each dict that held something held: its keys in order, and its values.
+        self._keys = list(map(tuple, self._full))
+        self._values = [tuple(held.values()) for held in self._full]
+        self._objects = [value for values in self._values for value in values]
+        self._versions = list(map(_dict_version, self._full)) if _versions_work() else None
 
     def check(self) -> bool:
         """Whether every dict holds what it held when the guard was built."""
@@ -216,10 +210,10 @@ class DictGuard:
         if self._versions is not None:
             now = list(map(_dict_version, self._full))
             return now == self._versions or self._same_where_moved(now)
-        # Same count, and every entry still there by identity (a removed one reads as
-        # `_MISSING`, so an entry that held None is seen going too).
-        found = map(dict.get, self._full, self._names, repeat(_MISSING))
-        return all(map(is_, found, self._objects))
+        # Same count, the same keys in the same order, and the same objects under them.
+        return list(map(tuple, self._full)) == self._keys and all(
+            map(is_, chain.from_iterable(map(dict.values, self._full)), self._objects)
+        )
 
     def _same_where_moved(self, now: list[int]) -> bool:
         """Whether each dict whose version moved holds the same objects under the same
@@ -231,6 +225,3 @@ class DictGuard:
                 return False
         self._versions = now
         return True
-
-
-_MISSING = object()

@@ -20,12 +20,9 @@ index are exactly those a fresh walk would give. (Not noticed: a module's ``_par
 from __future__ import annotations
 
 import difflib
-import gc
 import sys
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from operator import attrgetter, eq
 from typing import Any
 
@@ -230,35 +227,7 @@ def current_index(root: nn.Module) -> Index:
         return held
     index = index_module(root)
     root.__dict__[_HELD] = index
-    key = id(root)
-    if key not in _KEPT:  # by id: a module class may define __eq__ and so be unhashable
-        _KEPT[key] = weakref.ref(root, partial(_gone, key))
     return index
-
-
-# The modules that keep an index. A kept index holds its model's tensors, so one that went
-# stale (a tensor replaced outside the library: `load_state_dict(assign=True)`,
-# `fully_shard`, buffers converted by `.half()`) would keep the replaced tensors alive until
-# the next view notices. After each full garbage collection (`gc.collect()`, which code
-# that frees memory runs) stale ones are dropped, so the replaced tensors go then.
-_KEPT: dict[int, weakref.ref[nn.Module]] = {}
-
-
-def _gone(key: int, _: object) -> None:
-    _KEPT.pop(key, None)
-
-
-def _drop_stale(phase: str, info: dict[str, int]) -> None:
-    if phase != "stop" or info.get("generation") != 2:
-        return
-    for ref in list(_KEPT.values()):
-        root = ref()
-        held = None if root is None else root.__dict__.get(_HELD)
-        if isinstance(held, Index) and not (held._root is root and held.is_current()):
-            root.__dict__.pop(_HELD, None)
-
-
-gc.callbacks.append(_drop_stale)
 
 
 def forget(root: nn.Module) -> None:

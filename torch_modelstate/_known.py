@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+from itertools import compress
 from operator import attrgetter, is_
 from typing import TypeAlias
 
@@ -100,10 +101,9 @@ def update(
     if not all(map(_RESIZABLE, storages)):
         return None  # memory torch did not allocate: aliases are found by byte ranges
     found = list(map(_START, storages))
-    # The guard kept the shapes, so as many values are empty as last time: another storage
-    # at 0 was freed (the full checks refuse it). A value that shares memory with a
-    # destination is copied first by the kernels.
-    if found.count(0) != kept.empty or not facts.storages().isdisjoint(found):
+    # A value that holds elements at address 0 has had its storage freed (the full checks
+    # refuse it); one that shares memory with a destination is copied first by the kernels.
+    if 0 in compress(found, kept.held) or not facts.storages().isdisjoint(found):
         return None
     return keys, kept.dsts, given, kept.prepared
 
@@ -130,8 +130,8 @@ def keep_update(
     if not facts.storages().isdisjoint(starts(srcs)):
         return
     prepared = Prepared() if all_cpu else None
-    empty = list(starts(srcs)).count(0)
-    facts.update = KeptUpdate(keys, dsts, Guard(srcs), empty, prepared)
+    held = list(map(bool, map(Tensor.numel, srcs)))
+    facts.update = KeptUpdate(keys, dsts, Guard(srcs), held, prepared)
 
 
 def _as_given(values: dict[str, object], keys: list[str], srcs: list[Tensor]) -> bool:

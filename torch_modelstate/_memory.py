@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Sequence
 from itertools import compress
-from operator import add, gt, mul
+from operator import add, attrgetter, gt, not_, sub
 
 import torch
 from torch import Tensor
@@ -38,6 +38,13 @@ _STORAGE = Tensor.untyped_storage
 _START = torch.UntypedStorage.data_ptr
 _NBYTES = torch.UntypedStorage.nbytes
 _RESIZABLE = torch.UntypedStorage.resizable
+_TENSOR_NBYTES = attrgetter("nbytes")
+# Dtypes that pack several elements into a byte: their element size says 1.
+_SUB_BYTE = {
+    getattr(torch, name)
+    for name in ("quint4x2", "quint2x4", *(f"{s}int{b}" for s in ("", "u") for b in range(1, 8)))
+    if hasattr(torch, name)
+}
 
 
 def starts(tensors: Sequence[Tensor]) -> Iterator[int]:
@@ -96,34 +103,56 @@ def _by_ranges(
     return out if any(out) else None
 
 
-def check_extents(verb: str, keys: Sequence[str], tensors: Sequence[Tensor], what: str) -> None:
+def check_extents(
+    verb: str,
+    keys: Sequence[str],
+    tensors: Sequence[Tensor],
+    what: str,
+    storages: list[torch.UntypedStorage] | None = None,
+) -> None:
     """Every tensor's elements lie inside its storage (a DTensor: its local shard's);
     ValueError naming the first that reaches past it (`what` words it: "" or "the value
-    for "). C-level passes for contiguous
-    tensors; the others' extent is computed from their strides."""
-    local = (
-        [_distributed.to_local(t) for t in tensors]
-        if _distributed.any_dtensor(tensors)
-        else tensors
-    )
+    for "). `storages`: the tensors' storages, where the caller has them already.
+
+    C-level passes for contiguous tensors (from the storage's start to the tensor's last
+    byte); the others' extent is computed from their strides. Empty tensors reach nothing,
+    and sub-byte dtypes (``quint4x2``: two elements a byte) are left to torch."""
+    local = tensors
+    if _distributed.any_dtensor(tensors):
+        local, storages = [_distributed.to_local(t) for t in tensors], None
     try:
-        nbytes = list(map(_NBYTES, map(_STORAGE, local)))
+        if storages is None:
+            storages = list(map(_STORAGE, local))
+        # The bytes from the storage's start to the end of the tensor, if it is contiguous.
+        starts_in = map(sub, map(Tensor.data_ptr, local), map(_START, storages))
+        needed = list(map(add, starts_in, map(_TENSOR_NBYTES, local)))
+        have = list(map(_NBYTES, storages))
     except (RuntimeError, NotImplementedError):  # a subclass without plain storage
+        _check_each(verb, keys, local, what)
         return
-    numels = list(map(Tensor.numel, local))
-    # Contiguous: (storage offset + numel) elements, for a tensor that holds any.
-    ends = map(add, map(Tensor.storage_offset, local), numels)
-    needed = list(map(mul, map(mul, ends, map(Tensor.element_size, local)), map(bool, numels)))
-    for i in compress(range(len(local)), map(lambda c: not c, map(Tensor.is_contiguous, local))):
+    for i in compress(range(len(local)), map(not_, map(Tensor.is_contiguous, local))):
         needed[i] = _reach(local[i])
-    if not any(map(gt, needed, nbytes)):
-        return
-    i = next(i for i, (n, have) in enumerate(zip(needed, nbytes, strict=True)) if n > have)
-    t = local[i]
+    for i in compress(range(len(local)), map(gt, needed, have)):
+        t = local[i]
+        if t.numel() and t.dtype not in _SUB_BYTE:
+            _refuse(verb, keys[i], what, t, needed[i], have[i])
+
+
+def _check_each(verb: str, keys: Sequence[str], tensors: Sequence[Tensor], what: str) -> None:
+    # One at a time, leaving out the tensors without plain storage.
+    for key, t in zip(keys, tensors, strict=True):
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        check_extents(verb, [key], [t], what, [storage])
+
+
+def _refuse(verb: str, key: str, what: str, t: Tensor, needed: int, have: int) -> None:
     msg = (
-        f"{verb}: {what}`{keys[i]}` reaches past its memory: its storage holds "
-        f"{nbytes[i]} bytes, its shape {tuple(t.shape)} (strides {t.stride()}, offset "
-        f"{t.storage_offset()}) needs {needed[i]}.\n"
+        f"{verb}: {what}`{key}` reaches past its memory: its storage holds {have} bytes, "
+        f"its shape {tuple(t.shape)} (strides {t.stride()}, offset {t.storage_offset()}) "
+        f"needs {needed}.\n"
         "  expected: a tensor whose storage holds all of its elements\n"
         "  got: a storage freed or shrunk under it (untyped_storage().resize_)\n"
         "  fix: give it memory again (untyped_storage().resize_ back, or a new tensor) first"

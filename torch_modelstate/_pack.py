@@ -10,7 +10,7 @@ A `Layout` records where each tensor sits: per group its device, dtype and lengt
 tensor its group, offset, address, shape and strides. It holds no tensor and no buffer (the
 tensors' views keep the buffers' memory alive, and `Layout.flats` rebuilds the buffers from
 it), so a packed model moved by ``.half()`` or ``.to()`` frees its old memory (its old
-buffers once the index kept with the model is renewed or dropped), a deleted packed state
+buffers once the index kept with the model is renewed), a deleted packed state
 is freed at once (no reference cycle), and copies and pickles of the tensors carry nothing
 of it. It is kept in a table keyed by the storage of the first packed tensor, next to a weak
 reference to that storage (a weak reference to the tensor would make
@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from torch_modelstate._guard import Guard
+from torch_modelstate._memory import check_extents
 
 __all__ = ["Layout", "flat_pairs", "layout_of", "pack"]
 
@@ -176,7 +177,8 @@ def pack(
     repeated group for group, so the two run as one op per group.
 
     Raises ValueError (nothing changed) if a tensor cannot be packed: not strided, on the
-    meta device, quantized, an inference tensor, a subclass (DTensor), or listed twice.
+    meta device, quantized, an inference tensor, a subclass (DTensor), listed twice, or
+    reaching past its storage (freed under it).
     `keys` name the tensors in that message.
     """
     names = list(keys) if keys is not None else [f"tensor {i}" for i in range(len(tensors))]
@@ -195,6 +197,7 @@ def pack(
             )
             raise ValueError(msg)
         seen[id(t)] = name
+    check_extents("pack", names, tensors, "")
     members = like.members if like is not None else _grouping(tensors)
     places: list[tuple[int, int]] = [(0, 0)] * len(tensors)
     views: list[Tensor] = list(tensors)
@@ -214,8 +217,8 @@ def pack(
         for t, slot in zip(tensors, views, strict=True):
             t.data = slot
     layout = Layout(tensors, members, places)
-    for key in [key for key, (ref, _) in _LAYOUTS.items() if _expired(ref)]:
-        del _LAYOUTS[key]
+    for key in [key for key, (ref, _) in list(_LAYOUTS.items()) if _expired(ref)]:
+        _LAYOUTS.pop(key, None)  # (another thread packing may have dropped it already)
     if tensors:
         storage = tensors[0].untyped_storage()
         _LAYOUTS[storage._cdata] = (StorageWeakRef(storage), layout)  # type: ignore[no-untyped-call]

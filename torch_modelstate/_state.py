@@ -12,6 +12,7 @@ from torch_modelstate import _kernels, _pack, _update
 from torch_modelstate._errors import KeyNotFoundError
 from torch_modelstate._freezing import Freezing
 from torch_modelstate._index import Index, Tie, current_index, forget, index_entries, unwrap
+from torch_modelstate._memory import check_extents
 from torch_modelstate._paths import to_flat, to_key
 from torch_modelstate._summary import format_bytes as format_bytes  # re-exported
 from torch_modelstate._summary import refuse_constructor_arguments
@@ -179,6 +180,7 @@ class ModelState(Freezing, Tying, StateViews):
         target = None if device is None else torch.device(device)
         index = self._idx()
         tensors = [leaf.tensor for leaf in index.leaves]
+        check_extents("clone", index.keys, tensors, "")  # a freed storage is read otherwise
         if dtype is None and target is None:
             cloned = _kernels.clone(tensors)
             layout = _pack.layout_of(tensors)

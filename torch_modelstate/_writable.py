@@ -225,11 +225,13 @@ def check_destinations(
                     "buffer.clone() instead of an expanded view)"
                 )
                 raise ValueError(msg)
-    check_extents(verb, keys, dsts, "")
-    try:  # one C-level pass; torch-allocated storage is writable
-        owned = all(map(_RESIZABLE, map(_STORAGE, dsts)))
+    try:
+        storages: list[torch.UntypedStorage] | None = list(map(_STORAGE, dsts))
     except (RuntimeError, NotImplementedError):  # a subclass (a DTensor) without plain storage
-        owned = False
+        storages = None
+    check_extents(verb, keys, dsts, "", storages)
+    # One C-level pass: torch-allocated storage is writable.
+    owned = storages is not None and all(map(_RESIZABLE, storages))
     if not owned:
         check_read_only(verb, keys, dsts)
     if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, dsts)):
