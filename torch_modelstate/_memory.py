@@ -109,10 +109,13 @@ def check_extents(
     tensors: Sequence[Tensor],
     what: str,
     storages: list[torch.UntypedStorage] | None = None,
+    *,
+    contiguous: bool = False,
 ) -> None:
     """Every tensor's elements lie inside its storage (a DTensor: its local shard's);
     ValueError naming the first that reaches past it (`what` words it: "" or "the value
-    for "). `storages`: the tensors' storages, where the caller has them already.
+    for "). `storages`: the tensors' storages, and `contiguous`: that all are, where the
+    caller knows it already.
 
     C-level passes for contiguous tensors (from the storage's start to the tensor's last
     byte); the others' extent is computed from their strides. Empty tensors reach nothing,
@@ -130,8 +133,9 @@ def check_extents(
     except (RuntimeError, NotImplementedError):  # a subclass without plain storage
         _check_each(verb, keys, local, what)
         return
-    for i in compress(range(len(local)), map(not_, map(Tensor.is_contiguous, local))):
-        needed[i] = _reach(local[i])
+    if not contiguous:
+        for i in compress(range(len(local)), map(not_, map(Tensor.is_contiguous, local))):
+            needed[i] = _reach(local[i])
     for i in compress(range(len(local)), map(gt, needed, have)):
         t = local[i]
         if t.numel() and t.dtype not in _SUB_BYTE:

@@ -212,7 +212,8 @@ def check_destinations(
     dtypes = set(map(_DTYPE, dsts))
     if any(dtype.is_complex for dtype in dtypes):
         _check_lazy_views(verb, keys, dsts)
-    if not all(map(_IS_CONTIGUOUS, dsts)):
+    contiguous = all(map(_IS_CONTIGUOUS, dsts))
+    if not contiguous:
         for key, dst in zip(keys, dsts, strict=True):
             # 1 is "yes"; 2 ("too hard to tell") is what torch's own copy_ lets through.
             if not dst.is_contiguous() and torch._debug_has_internal_overlap(dst) == 1:
@@ -229,7 +230,7 @@ def check_destinations(
         storages: list[torch.UntypedStorage] | None = list(map(_STORAGE, dsts))
     except (RuntimeError, NotImplementedError):  # a subclass (a DTensor) without plain storage
         storages = None
-    check_extents(verb, keys, dsts, "", storages)
+    check_extents(verb, keys, dsts, "", storages, contiguous=contiguous)
     # One C-level pass: torch-allocated storage is writable.
     owned = storages is not None and all(map(_RESIZABLE, storages))
     if not owned:
