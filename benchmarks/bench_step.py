@@ -492,12 +492,14 @@ def update_row(n: int, repeats: int) -> None:
     def values_check() -> None:
         # New values each call: their metadata (one guard call), and their memory against
         # the destinations' (storage start pointers, exact for memory torch allocated: one
-        # pass to tell that it did, one over the pointers) must be looked at every time.
+        # pass to tell that it did, one over the pointers, none of which may be 0: a freed
+        # storage) must be looked at every time.
         fresh = list(src.values())
         assert value_guard.check(*fresh)
         storages = list(map(storage_of, fresh))
         assert all(map(resizable, storages))
-        assert dst_storages.isdisjoint(map(start, storages))
+        starts = list(map(start, storages))
+        assert 0 not in starts and dst_storages.isdisjoint(starts)
 
     sound = checked(dst_check, checked(values_check, raw))
     t = measure({"ours": lambda: ms.update(src), "raw": raw, "sound": sound}, repeats)
@@ -723,7 +725,7 @@ def main() -> int:
     update_row(tiny, repeats)
     lm_rows(args.quick, max(3, repeats // 3))
     io_rows(args.quick, max(3, repeats // 3))
-    scaling([40, 400, 2000] if args.quick else [400, 4000, 40000], max(3, repeats // 3))
+    scaling([40, 400, 2000] if args.quick else [400, 4000, 40000], repeats)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     return 0

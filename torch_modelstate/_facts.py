@@ -60,14 +60,14 @@ _IS_CPU = attrgetter("is_cpu")
 
 class KeptUpdate(NamedTuple):
     """The last update from a dict: its keys, their destinations, a guard of its values'
-    metadata, which of them hold elements (a value that does must not sit at address 0, as
-    a freed storage does; the guard keeps the shapes), and what the kernel may skip (None:
-    the full copy kernel runs)."""
+    metadata, which of them hold elements (None: all; a value that does must not sit at
+    address 0, as a freed storage does; the guard keeps the shapes), and what the kernel may
+    skip (None: the full copy kernel runs)."""
 
     keys: list[str]
     dsts: list[Tensor]
     guard: Guard
-    held: list[bool]
+    held: list[bool] | None
     prepared: Prepared | None
 
 

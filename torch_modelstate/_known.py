@@ -103,7 +103,8 @@ def update(
     found = list(map(_START, storages))
     # A value that holds elements at address 0 has had its storage freed (the full checks
     # refuse it); one that shares memory with a destination is copied first by the kernels.
-    if 0 in compress(found, kept.held) or not facts.storages().isdisjoint(found):
+    held = found if kept.held is None else compress(found, kept.held)
+    if 0 in held or not facts.storages().isdisjoint(found):
         return None
     return keys, kept.dsts, given, kept.prepared
 
@@ -131,7 +132,8 @@ def keep_update(
         return
     prepared = Prepared() if all_cpu else None
     held = list(map(bool, map(Tensor.numel, srcs)))
-    facts.update = KeptUpdate(keys, dsts, Guard(srcs), held, prepared)
+    # (None, the common case: every value holds elements, so none may sit at address 0.)
+    facts.update = KeptUpdate(keys, dsts, Guard(srcs), None if all(held) else held, prepared)
 
 
 def _as_given(values: dict[str, object], keys: list[str], srcs: list[Tensor]) -> bool:
