@@ -39,12 +39,9 @@ _START = torch.UntypedStorage.data_ptr
 _NBYTES = torch.UntypedStorage.nbytes
 _RESIZABLE = torch.UntypedStorage.resizable
 _TENSOR_NBYTES = attrgetter("nbytes")
-# Dtypes that pack several elements into a byte: their element size says 1.
-_SUB_BYTE = {
-    getattr(torch, name)
-    for name in ("quint4x2", "quint2x4", *(f"{s}int{b}" for s in ("", "u") for b in range(1, 8)))
-    if hasattr(torch, name)
-}
+# Dtypes that pack several elements into a byte: their element size says 1. (torch's
+# uint1..7 and int1..7 take a byte an element.)
+_SUB_BYTE = {getattr(torch, name) for name in ("quint4x2", "quint2x4") if hasattr(torch, name)}
 
 
 def starts(tensors: Sequence[Tensor]) -> Iterator[int]:
@@ -143,13 +140,19 @@ def check_extents(
 
 
 def _check_each(verb: str, keys: Sequence[str], tensors: Sequence[Tensor], what: str) -> None:
-    # One at a time, leaving out the tensors without plain storage.
+    # One at a time, leaving out the tensors without plain storage (a wrapper subclass has
+    # a storage object whose data pointer cannot be read).
     for key, t in zip(keys, tensors, strict=True):
         try:
             storage = t.untyped_storage()
+            needed = t.data_ptr() - storage.data_ptr() + t.nbytes
+            have = storage.nbytes()
         except (RuntimeError, NotImplementedError):
             continue
-        check_extents(verb, [key], [t], what, [storage])
+        if not t.is_contiguous():
+            needed = _reach(t)
+        if needed > have and t.numel() and t.dtype not in _SUB_BYTE:
+            _refuse(verb, key, what, t, needed, have)
 
 
 def _refuse(verb: str, key: str, what: str, t: Tensor, needed: int, have: int) -> None:

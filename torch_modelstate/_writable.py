@@ -48,6 +48,14 @@ _DTYPE = attrgetter("dtype")
 _LAYOUT = attrgetter("layout")
 _IS_CPU = attrgetter("is_cpu")
 _IS_CONTIGUOUS = Tensor.is_contiguous
+_IS_NEG = Tensor.is_neg
+# Dtypes torch has no copy kernel for (it raises NotImplementedError mid-write).
+_UNCOPYABLE = {
+    getattr(torch, f"{sign}int{bits}")
+    for sign in ("", "u")
+    for bits in range(1, 8)
+    if hasattr(torch, f"{sign}int{bits}")
+}
 _IS_INFERENCE = Tensor.is_inference
 _STORAGE = Tensor.untyped_storage
 # False for memory torch did not allocate (torch.frombuffer, from_file, from_numpy, mmap):
@@ -105,6 +113,7 @@ def check_values(
                 raise TypeError(msg)
     check_extents(verb, keys, values, f"the {side} for ")
     dtypes = set(map(_DTYPE, values))
+    _check_copyable(verb, keys, values, dtypes, f"the {side} for ")
     if any(dtype.is_complex for dtype in dtypes):
         for key, value, target in zip(keys, values, targets, strict=True):
             if value.is_complex() and not target.is_complex():
@@ -210,7 +219,9 @@ def check_destinations(
         )
         raise ValueError(msg)
     dtypes = set(map(_DTYPE, dsts))
-    if any(dtype.is_complex for dtype in dtypes):
+    _check_copyable(verb, keys, dsts, dtypes, "", kernel)
+    # A lazy conjugate (complex) or negative (`.conj().imag`) view is not written in place.
+    if any(dtype.is_complex for dtype in dtypes) or any(map(_IS_NEG, dsts)):
         _check_lazy_views(verb, keys, dsts)
     contiguous = all(map(_IS_CONTIGUOUS, dsts))
     if not contiguous:
@@ -309,6 +320,38 @@ def _writable_ranges() -> list[tuple[int, int]] | None:
         else:
             ranges.append((lo, hi))
     return ranges
+
+
+def _check_copyable(
+    verb: str,
+    keys: Sequence[str],
+    tensors: Sequence[Tensor],
+    dtypes: set[torch.dtype],
+    what: str,
+    kernel: Sequence[bool] | None = None,
+) -> None:
+    """No tensor copied by a torch kernel (`kernel`, as in `check_destinations`) has a
+    dtype torch cannot copy (``uint1``..``uint7``, ``int1``..``int7``: its copy kernel
+    raises, after the other tensors of the call were written)."""
+    if dtypes.isdisjoint(_UNCOPYABLE):
+        return
+    copied = [True] * len(tensors) if kernel is None else kernel
+    found = [
+        (k, t)
+        for k, t, c in zip(keys, tensors, copied, strict=True)
+        if c and t.dtype in _UNCOPYABLE
+    ]
+    if not found:
+        return
+    key, t = found[0]
+    msg = (
+        f"{verb}: {what}`{key}` is of dtype {t.dtype}, which torch cannot copy.\n"
+        "  expected: a dtype with a torch copy kernel (uint8, int8, float, ...)\n"
+        f"  got: {t.dtype}\n"
+        "  fix: keep the tensor out of the call (a mask, or leave its key out), or store it "
+        "as uint8 and view it"
+    )
+    raise TypeError(msg)
 
 
 def _check_lazy_views(verb: str, keys: Sequence[str], dsts: Sequence[Tensor]) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_modelstate import _distributed, _kernels
+from torch_modelstate._memory import check_extents
 from torch_modelstate._state import ModelState
 from torch_modelstate.checkpoint import _budget, _collective
 from torch_modelstate.checkpoint._codec import CODE, Spec, is_plain_cpu
@@ -54,6 +55,7 @@ def save(
         _check_savable(leaf.key, tensor)
         tensors[leaf.key] = tensor
         specs.append(Spec(leaf.key, tensor.dtype, tuple(tensor.shape)))
+    check_extents("save", list(tensors), list(tensors.values()), "")  # freed: read otherwise
     entry = describe(ms, index)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(entry, separators=(",", ":"))}
     if _collective.is_collective(list(tensors.values())):  # FSDP2: every rank calls (dist)
