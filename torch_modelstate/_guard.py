@@ -133,8 +133,9 @@ _VERSIONS_WORK: list[bool] = []  # whether `_dict_version` sees every change (pr
 
 
 def _versions_work() -> bool:
-    """Whether this Python and torch give each dict a version that every change moves
-    (PEP 509's private version, read by torch.compile's guards) and a read does not."""
+    """Whether this Python and torch give each dict a version that every change moves and a
+    read does not (what torch.compile's guards read: CPython's private dict version, or on
+    3.12 and later torch's own count kept by dict watchers)."""
     if not _VERSIONS_WORK:
         # Without the GIL (free-threaded builds) torch keeps versions in a map that other
         # threads may change under a read: not used there.
