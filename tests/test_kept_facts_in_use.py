@@ -92,7 +92,7 @@ def test_warm_update_swapping_two_rehomed_packed_tensors_reads_before_it_writes(
     Expected (as cold, which sees the shared storage and copies first): a swap.
     Before the fix: 2.weight keeps its own value (it is written from 1.weight after 1.weight was
     overwritten): the warm aliasing test compares the values' storages with the
-    destinations' storage pointers cached in `Facts.storages()`, which went stale."""
+    destinations' storage pointers cached in `Facts.storages`, which went stale."""
     model = three_linear()
     ms = ModelState.new(model).pack()
     for _ in range(3):

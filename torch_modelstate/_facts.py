@@ -46,13 +46,11 @@ from torch import Tensor
 from torch_modelstate import _pack
 from torch_modelstate._guard import Guard
 from torch_modelstate._kernels import Prepared, Split
+from torch_modelstate._memory import owned_starts
 
 __all__ = ["Facts", "KeptUpdate", "PairFacts"]
 
 _DATA_PTR = Tensor.data_ptr
-_STORAGE = Tensor.untyped_storage
-_STORAGE_PTR = torch.UntypedStorage.data_ptr
-_RESIZABLE = torch.UntypedStorage.resizable
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _IS_CPU = attrgetter("is_cpu")
@@ -78,7 +76,8 @@ class Facts:
     the memory map: a destination in memory torch did not allocate could be unmapped or
     made read-only between calls, so it is checked every time); `update`
     holds the last update's key list and destinations; `pair` what a merge with one
-    right-hand side proved (`PairFacts`). Everything else is computed on first use.
+    right-hand side proved (`PairFacts`); `storages` the start pointers of the storages
+    (meaningful where `owned`). `floats` is computed on first use.
     """
 
     __slots__ = (
@@ -87,13 +86,13 @@ class Facts:
         "_guard",
         "_inference",
         "_ptrs",
-        "_storages",
         "all_cpu",
         "dtypes",
         "layout",
         "owned",
         "pair",
         "served",
+        "storages",
         "tensors",
         "update",
     )
@@ -108,15 +107,11 @@ class Facts:
         self.layout = _pack.layout_of(tensors)
         # Storages now, while the signature holds: torch-allocated ones (`owned`) cannot
         # become read-only under us, and start where their memory starts, so their start
-        # pointers find aliases exactly (`_memory`) as long as no tensor moves.
-        self._storages: frozenset[int] = frozenset()
-        try:
-            storages = list(map(_STORAGE, tensors))
-            self.owned = all(map(_RESIZABLE, storages))
-            # A zero-size tensor holds no bytes (its pointer is 0): it aliases nothing.
-            self._storages = frozenset(map(_STORAGE_PTR, storages)) - {0}
-        except (RuntimeError, NotImplementedError):
-            self.owned = False
+        # pointers (`storages`) find aliases exactly as long as no tensor moves. A
+        # zero-size tensor holds no bytes (its pointer is 0): it aliases nothing.
+        starts = owned_starts(tensors)
+        self.owned = starts is not None
+        self.storages = frozenset(starts or ()) - {0}
         self.update: KeptUpdate | None = None
         self.served = 0  # calls these facts stood in for the checks (`Index.facts`)
         self.pair: PairFacts | None = None
@@ -131,11 +126,6 @@ class Facts:
             and list(map(_DATA_PTR, tensors)) == self._ptrs
             and self._guard.check(tensors)
         )
-
-    def storages(self) -> frozenset[int]:
-        """The start pointers of the tensors' storages, taken when these facts were built
-        (meaningful where `owned`: then they find aliases exactly)."""
-        return self._storages
 
     def floats(self) -> list[bool]:
         """For each tensor, whether it is floating point (or complex)."""
@@ -179,7 +169,7 @@ class PairFacts:
         """Whether the kernels can take the pairs as proven: both sides in memory torch
         allocated, and no storage shared between them (else the kernels copy the shared
         values first, every call)."""
-        return lhs.owned and rhs.owned and lhs.storages().isdisjoint(rhs.storages())
+        return lhs.owned and rhs.owned and lhs.storages.isdisjoint(rhs.storages)
 
     def prepared(self, lhs: Facts, rhs: Facts) -> Prepared:
         """What the kernels take (the right-hand groups: C-level `compress` passes)."""

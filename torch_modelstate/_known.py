@@ -28,7 +28,6 @@ from itertools import compress
 from operator import attrgetter, is_
 from typing import TypeAlias
 
-import torch
 from torch import Tensor, nn
 
 from torch_modelstate import _distributed
@@ -36,16 +35,13 @@ from torch_modelstate._facts import KeptUpdate, PairFacts
 from torch_modelstate._guard import Guard, plain
 from torch_modelstate._index import Index
 from torch_modelstate._kernels import Prepared
-from torch_modelstate._memory import starts
+from torch_modelstate._memory import owned_starts
 from torch_modelstate._writable import check_arithmetic
 from torch_modelstate.merges import Merge
 
 __all__ = ["keep_merge", "keep_update", "merge", "update"]
 
 _IS_CPU = attrgetter("is_cpu")
-_STORAGE = Tensor.untyped_storage
-_START = torch.UntypedStorage.data_ptr
-_RESIZABLE = torch.UntypedStorage.resizable
 
 Pairs: TypeAlias = "tuple[list[Tensor], list[Tensor], Prepared | None]"
 
@@ -72,7 +68,7 @@ def keep_merge(index: Index, other: Index) -> None:
     check, so the next one between them can skip them."""
     lhs = index.keep_facts()
     rhs = other.keep_facts()
-    if lhs is None or rhs is None or lhs is rhs or not lhs.owned:
+    if lhs is None or rhs is None or lhs is rhs:
         return
     if PairFacts.possible(lhs, rhs):
         lhs.pair = PairFacts(lhs, rhs)
@@ -97,14 +93,13 @@ def update(
     if not kept.guard.check(given):  # a non-tensor, or shaped unlike the last values
         return None
     _distributed.check_sharded(module, "update")
-    storages = list(map(_STORAGE, given))
-    if not all(map(_RESIZABLE, storages)):
+    found = owned_starts(given)
+    if found is None:
         return None  # memory torch did not allocate: aliases are found by byte ranges
-    found = list(map(_START, storages))
     # A value that holds elements at address 0 has had its storage freed (the full checks
     # refuse it); one that shares memory with a destination is copied first by the kernels.
     held = found if kept.held is None else compress(found, kept.held)
-    if 0 in held or not facts.storages().isdisjoint(found):
+    if 0 in held or not facts.storages.isdisjoint(found):
         return None
     return keys, kept.dsts, given, kept.prepared
 
@@ -126,9 +121,8 @@ def keep_update(
     if not plain(srcs) or not _as_given(values, keys, srcs):
         return
     all_cpu = facts.all_cpu and all(map(_IS_CPU, srcs))
-    if not all(map(_RESIZABLE, map(_STORAGE, srcs))):
-        return
-    if not facts.storages().isdisjoint(starts(srcs)):
+    found = owned_starts(srcs)
+    if found is None or not facts.storages.isdisjoint(found):
         return
     prepared = Prepared() if all_cpu else None
     held = list(map(bool, map(Tensor.numel, srcs)))

@@ -23,7 +23,7 @@ True
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import compress
 from operator import add, attrgetter, gt, not_, sub
 
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from torch_modelstate import _distributed
 
-__all__ = ["check_extents", "shared", "starts"]
+__all__ = ["check_extents", "owned_starts", "shared"]
 
 _STORAGE = Tensor.untyped_storage
 _START = torch.UntypedStorage.data_ptr
@@ -44,9 +44,16 @@ _TENSOR_NBYTES = attrgetter("nbytes")
 _SUB_BYTE = {getattr(torch, name) for name in ("quint4x2", "quint2x4") if hasattr(torch, name)}
 
 
-def starts(tensors: Sequence[Tensor]) -> Iterator[int]:
-    """The start pointer of each tensor's storage."""
-    return map(_START, map(_STORAGE, tensors))
+def owned_starts(tensors: Sequence[Tensor]) -> list[int] | None:
+    """The start pointer of each tensor's storage if torch allocated every one (then equal
+    starts find aliases exactly), else None (also for a tensor without plain storage)."""
+    try:
+        storages = list(map(_STORAGE, tensors))
+        if not all(map(_RESIZABLE, storages)):
+            return None
+        return list(map(_START, storages))
+    except (RuntimeError, NotImplementedError):  # a subclass without plain storage
+        return None
 
 
 def shared(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> list[list[int]] | None:
