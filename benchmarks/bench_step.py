@@ -40,6 +40,7 @@ import contextlib
 import gc
 import io
 import json
+import operator
 import os
 import platform
 import statistics
@@ -193,7 +194,6 @@ def sound_passes(model: nn.Module, sides: list[list[torch.Tensor]]) -> dict[str,
     call: a packed tensor turned by ``t_()`` at the same address is no longer its slice).
     Each is one C-level pass.
     """
-    from operator import is_
 
     dicts = [
         held
@@ -212,13 +212,7 @@ def sound_passes(model: nn.Module, sides: list[list[torch.Tensor]]) -> dict[str,
             assert list(map(dict_version, full)) == versions
 
     except ImportError:
-        holders = [held for held in full for _ in range(len(held))]
-        names = [name for held in full for name in held]
-        objects = [value for held in full for value in held.values()]
-
-        def entries() -> None:
-            assert sum(map(len, dicts)) == size
-            assert all(map(is_, map(dict.get, holders, names), objects))
+        entries = identity_pass(model)
 
     passes = {"module entries": entries}
     for i, side in enumerate(sides):
@@ -228,6 +222,53 @@ def sound_passes(model: nn.Module, sides: list[list[torch.Tensor]]) -> dict[str,
         )
         passes[f"guard {i + 1}"] = lambda s=side, g=guard: assert_(g.check(*s))
     return passes
+
+
+def identity_pass(model: nn.Module) -> Fn:
+    """The module-entries check where Python keeps no dict versions: every entry of every
+    module dict looked up and compared by identity, and a count of entries."""
+    from operator import is_
+
+    dicts = [
+        held
+        for module in model.modules()
+        for held in (module._parameters, module._buffers, module._modules)
+    ]
+    size = sum(map(len, dicts))
+    holders = [held for held in dicts for _ in range(len(held))]
+    names = [name for held in dicts for name in held]
+    objects = [value for held in dicts for value in held.values()]
+
+    def entries() -> None:
+        assert sum(map(len, dicts)) == size
+        assert all(map(is_, map(dict.get, holders, names), objects))
+
+    return entries
+
+
+def full_check_costs(model: nn.Module, repeats: int) -> None:
+    """Print what the full checks of one side cost (as the first calls between two views,
+    and the calls always checked in full, run them), and the extent pass's share."""
+    from torch_modelstate._memory import check_extents
+    from torch_modelstate._writable import check_destinations, check_values
+
+    state = ModelState.new(model).to_dict()
+    keys, tensors = list(state), list(state.values())
+    values = [t.clone() for t in tensors]
+    t = measure(
+        {
+            "destinations": lambda: check_destinations("merge", keys, tensors),
+            "values": lambda: check_values("merge", keys, values, tensors, side="rhs"),
+            "extents": lambda: check_extents("merge", keys, values, ""),
+        },
+        repeats,
+    )
+    print(
+        f"the full checks of one side at {len(keys)} tensors: destinations "
+        f"{t['destinations'] * 1e3:.2f} ms, values {t['values'] * 1e3:.2f} ms; of each, the pass "
+        f"that every tensor lies inside its storage {t['extents'] * 1e3:.2f} ms\n",
+        flush=True,
+    )
 
 
 def assert_(ok: bool) -> None:
@@ -247,7 +288,9 @@ def sound_checks(model: nn.Module, sides: list[list[torch.Tensor]]) -> Fn:
 
 def pass_costs(model: nn.Module, sides: list[list[torch.Tensor]], repeats: int) -> None:
     """Print what each pass of `sound_passes` costs alone (warm in cache)."""
-    t = measure(sound_passes(model, sides), repeats)
+    passes = sound_passes(model, sides)
+    passes["(module entries by identity, where no dict versions)"] = identity_pass(model)
+    t = measure(passes, repeats)
     shown = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in t.items())
     print(f"\nthe sound checks' passes, each alone (warm in cache): {shown}\n", flush=True)
 
@@ -375,6 +418,7 @@ def ema_rows(n: int, bn: int, repeats: int) -> None:
     churn_rows(model, ms, ema, step, repeats)
     pass_costs(model, [lhs, rhs], repeats)
     guard_tree_cost(model, rhs, repeats)
+    full_check_costs(model, repeats)
     packed_row(model, repeats)
     peer_rows(model, t, repeats)
 
@@ -502,7 +546,22 @@ def update_row(n: int, repeats: int) -> None:
         assert 0 not in starts and dst_storages.isdisjoint(starts)
 
     sound = checked(dst_check, checked(values_check, raw))
-    t = measure({"ours": lambda: ms.update(src), "raw": raw, "sound": sound}, repeats)
+    # What an exact check that every value lies inside its storage would add to the warm
+    # path, which already lists the values' storages and their start pointers: the data
+    # pointers and the storages' sizes, against each value's (fixed) byte span.
+    storages = list(map(storage_of, srcs))
+    starts = list(map(start, storages))
+    spans = [v.nbytes for v in srcs]
+    size_of = torch.UntypedStorage.nbytes
+
+    def extents() -> None:
+        ends = map(operator.add, map(operator.sub, map(torch.Tensor.data_ptr, srcs), starts), spans)
+        assert not any(map(operator.gt, ends, map(size_of, storages)))
+
+    t = measure(
+        {"ours": lambda: ms.update(src), "raw": raw, "sound": sound, "extents": extents},
+        repeats,
+    )
     over = (t["ours"] - t["raw"]) / n * 1e6
     row(
         f"`update` of {n} tiny 4x4 tensors ({over:.2f} µs/tensor over raw)",
@@ -518,6 +577,13 @@ def update_row(n: int, repeats: int) -> None:
         f"raw _foreach_copy_ {ms_(t['raw'])}",
         t["sound"] / t["raw"],
         None,
+    )
+    print(
+        "\nwhat an exact check that every new value lies inside its storage would add to the "
+        f"warm update: {ms_(t['extents'])} ({t['extents'] / n * 1e6:.2f} µs a value, "
+        f"{t['extents'] / t['ours']:.0%} of the update); left to the full checks, the warm "
+        "path looks for freed storages only\n",
+        flush=True,
     )
 
 

@@ -25,6 +25,9 @@ ROWS = [
     "the sound checks' passes",
     "torch.compile's own C++ guard tree",
     "sound floor over raw",
+    "module entries by identity",
+    "the full checks of one side",
+    "what an exact check that every new value lies inside its storage would add",
 ]
 
 

@@ -176,10 +176,11 @@ class DictGuard:
 
     Where this Python keeps a version for each dict that every change moves, the pass
     compares the versions of the dicts that held something, and a count of entries (an
-    empty dict that gained one): 0.6 ms for a model of 4000 modules, where looking up every
-    entry costs 1.2. A dict whose version moved is then compared entry by entry with what it
-    held, and if it holds the same objects (a buffer swapped out and back by a hook, an
-    attribute assigned its own value) its new version is recorded. Elsewhere every entry is
+    empty dict that gained one): 0.54 ms for a model of 4000 modules, where looking up every
+    entry costs 0.89 (warm in cache; `benchmarks/bench_step.py` prints both). A dict whose
+    version moved is then compared entry by entry with what it held, and if it holds the
+    same objects (a buffer swapped out and back by a hook, an attribute assigned its own
+    value) its new version is recorded. Elsewhere every entry is
     compared: its keys in order, and its objects by identity. (A dict object replaced
     wholesale is not seen: the caller keeps the dicts it watches.)
 
